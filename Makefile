@@ -1,0 +1,37 @@
+# The two commands of the README. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+WORKDIR ?= runs/fashion_mnist_demo
+
+.PHONY: test demo benchmark report install install-data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's copy of the original Fashion-MNIST IDX files (offline, real data).
+install-data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
+	fi
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: install install-data
+	$(PY) -m experiments.fashion_mnist --eps=0.1 --workdir=$(WORKDIR)
+
+benchmark: install
+	$(PY) -m experiments.benchmark
+
+report: install
+	$(PY) -m experiments.report
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,72 @@
+"""Linear operators shared by the array path and the interval path.
+
+All of them run at full float32 precision (``Precision.HIGHEST``) by default:
+bounds used for certification must not be computed in bf16/TF32, and the
+array path uses the same precision so that a zero-width interval reproduces it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+_CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def dense(x, kernel, precision=HIGHEST):
+  """``x @ kernel``; x ``(..., D_in)``, kernel ``(D_in, D_out)``."""
+  return jnp.matmul(x, kernel, precision=precision)
+
+
+def conv(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
+         precision=HIGHEST):
+  """2-D convolution, NHWC input and HWIO kernel."""
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=tuple(strides), padding=padding,
+      dimension_numbers=_CONV_DIMS, precision=precision)
+
+
+def _same_padding_is_symmetric(kernel) -> bool:
+  kh, kw = kernel.shape[:2]
+  return kh % 2 == 1 and kw % 2 == 1
+
+
+@jax.custom_vjp
+def same_conv(x, kernel):
+  """Stride-1 'SAME' convolution with an odd kernel whose input-VJP is again a
+  *forward* convolution (flipped, in/out-swapped kernel).
+
+  Numerically identical to `conv`; it exists because XLA:CPU runs the default
+  transposed convolution inside ``while_loop`` bodies about 15x slower than a
+  forward one (see docs/performance.md), and the implicit backward pass of a
+  DEQ iterates exactly that VJP.
+  """
+  return conv(x, kernel)
+
+
+def _same_conv_fwd(x, kernel):
+  return conv(x, kernel), (x, kernel)
+
+
+def _same_conv_bwd(res, g):
+  x, kernel = res
+  flipped = jnp.flip(kernel, axis=(0, 1)).swapaxes(2, 3)
+  dx = conv(g, flipped)
+  _, kernel_vjp = jax.vjp(lambda k: conv(x, k), kernel)
+  (dk,) = kernel_vjp(g)
+  return dx, dk
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def conv_op(kernel, strides=(1, 1), padding: Padding = 'SAME'):
+  """Returns ``x -> conv(x, kernel)``, using `same_conv` where it applies."""
+  if tuple(strides) == (1, 1) and padding == 'SAME' and _same_padding_is_symmetric(kernel):
+    return lambda x: same_conv(x, kernel)
+  return lambda x: conv(x, kernel, strides, padding)
