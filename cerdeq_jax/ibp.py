@@ -34,10 +34,10 @@ def dense(x: Interval, kernel, bias=None, precision=ops.HIGHEST) -> Interval:
 
 
 def conv(x: Interval, kernel, bias=None, strides: Sequence[int] = (1, 1),
-         padding: ops.Padding = 'SAME') -> Interval:
+         padding: ops.Padding = 'SAME', feature_group_count: int = 1) -> Interval:
   """NHWC input, HWIO kernel; |W| is the convolution with |kernel|."""
-  return linear_map(x, ops.conv_op(kernel, strides, padding),
-                    ops.conv_op(jnp.abs(kernel), strides, padding), bias)
+  return linear_map(x, ops.conv_op(kernel, strides, padding, feature_group_count),
+                    ops.conv_op(jnp.abs(kernel), strides, padding, feature_group_count), bias)
 
 
 def scale_shift(x: Interval, scale, shift) -> Interval:
@@ -112,3 +112,9 @@ def elided_margins(x: Interval, kernel, bias, labels, precision=ops.HIGHEST) -> 
 def margins_from_logits(logits, labels) -> jax.Array:
   """Exact margins ``logit_y - logit_j`` of points (0 at ``j = y``)."""
   return jnp.take_along_axis(logits, labels[:, None], axis=1) - logits
+
+
+def certified(margins, labels) -> jax.Array:
+  """Bool ``(N,)``: every margin lower bound ``j != y`` is > 0 (NaN counts as not)."""
+  others = ~jax.nn.one_hot(labels, margins.shape[-1], dtype=bool)
+  return jnp.all(jnp.where(others, margins > 0, True), -1)

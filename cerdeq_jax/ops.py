@@ -24,11 +24,12 @@ def dense(x, kernel, precision=HIGHEST):
 
 
 def conv(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
-         precision=HIGHEST):
-  """2-D convolution, NHWC input and HWIO kernel."""
+         feature_group_count: int = 1, precision=HIGHEST):
+  """2-D convolution, NHWC input and HWIO kernel ``(k, k, C_in / groups, C_out)``."""
   return lax.conv_general_dilated(
       x, kernel, window_strides=tuple(strides), padding=padding,
-      dimension_numbers=_CONV_DIMS, precision=precision)
+      dimension_numbers=_CONV_DIMS, feature_group_count=feature_group_count,
+      precision=precision)
 
 
 def _same_padding_is_symmetric(kernel) -> bool:
@@ -65,8 +66,9 @@ def _same_conv_bwd(res, g):
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
-def conv_op(kernel, strides=(1, 1), padding: Padding = 'SAME'):
+def conv_op(kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group_count: int = 1):
   """Returns ``x -> conv(x, kernel)``, using `same_conv` where it applies."""
-  if tuple(strides) == (1, 1) and padding == 'SAME' and _same_padding_is_symmetric(kernel):
+  if (tuple(strides) == (1, 1) and padding == 'SAME' and feature_group_count == 1
+      and _same_padding_is_symmetric(kernel)):
     return lambda x: same_conv(x, kernel)
-  return lambda x: conv(x, kernel, strides, padding)
+  return lambda x: conv(x, kernel, strides, padding, feature_group_count)

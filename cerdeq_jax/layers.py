@@ -1,0 +1,275 @@
+"""Flax Linen layers that take an array or an `Interval` and return the same kind.
+
+A user's own Linen model built from these layers computes logits for arrays and
+certified bounds for an `Interval` input, with the same parameters:
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = layers.Conv(16, (3, 3))(x)
+        x = layers.DEQ(16)(x)
+        x = layers.ReLU()(layers.Flatten()(x))
+        return layers.Dense(10)(x)
+
+Interval-only by-products are *sown* (collected only when the collection is
+mutable in ``apply``): ``'deq_stats'`` (solver statistics, certifiability) and
+``'preactivations'`` (bounds in front of every ReLU layer, for the Fast-IBP
+regularisers).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cerdeq_jax import deq, ibp, ops, parametrize, solvers
+from cerdeq_jax.interval import Interval  # re-exported for models
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+#: Name of the DEQ hidden kernel in params trees; `parametrize.project_tree`
+#: projects the leaves with this name.
+HIDDEN_KERNEL = 'hidden_kernel'
+#: Collection holding the spectral-norm power-iteration vectors.
+SPECTRAL = 'spectral'
+#: Collection with the clean batch's BatchNorm moments (for interval training).
+BATCH_MOMENTS = 'batch_moments'
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, Interval)
+
+
+class Dense(nn.Module):
+  """Dense layer: ``(..., D_in) -> (..., features)``."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    d_in = (x.lower if _is_box(x) else x).shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (d_in, self.features))
+    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
+    if _is_box(x):
+      return ibp.dense(x, kernel, bias)
+    y = ops.dense(x, kernel)
+    return y if bias is None else y + bias
+
+
+class Conv(nn.Module):
+  """2-D convolution on NHWC input, HWIO kernel."""
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: ops.Padding = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    c_in = (x.lower if _is_box(x) else x).shape[-1]
+    if c_in % self.feature_group_count:
+      raise ValueError(f'Conv: {c_in} input channels not divisible into '
+                       f'{self.feature_group_count} groups.')
+    kernel = self.param('kernel', self.kernel_init, tuple(self.kernel_size) + (
+        c_in // self.feature_group_count, self.features))
+    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
+    if _is_box(x):
+      return ibp.conv(x, kernel, bias, self.strides, self.padding, self.feature_group_count)
+    y = ops.conv(x, kernel, self.strides, self.padding, self.feature_group_count)
+    return y if bias is None else y + bias
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over all axes but the last, for arrays and intervals.
+
+  An affine map per channel for intervals. In training the interval uses the
+  statistics of the *clean* batch, which the array call stores in the
+  ``'batch_moments'`` collection: apply the model to the clean batch first, in
+  the same ``apply``, with that collection mutable (the models in
+  `cerdeq_jax.models` do this). In evaluation both use the running averages.
+  Under ``jit`` with a sharded batch the moments are over the global batch.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    features = (x.lower if _is_box(x) else x).shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,))
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    elif _is_box(x):
+      if not self.has_variable(BATCH_MOMENTS, 'mean'):
+        raise ValueError(
+            'BatchNorm on an Interval in training mode needs the clean batch statistics: '
+            "apply the model to the clean batch first in the same apply, with "
+            f"'{BATCH_MOMENTS}' mutable.")
+      mean = self.get_variable(BATCH_MOMENTS, 'mean')
+      var = self.get_variable(BATCH_MOMENTS, 'var')
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      if self.is_mutable_collection(BATCH_MOMENTS):
+        self.put_variable(BATCH_MOMENTS, 'mean', mean)
+        self.put_variable(BATCH_MOMENTS, 'var', var)
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    shift = bias - mean * mul
+    if _is_box(x):
+      return ibp.scale_shift(x, mul, shift)
+    return x * mul + shift
+
+
+class Activation(nn.Module):
+  """Element-wise monotone non-decreasing activation.
+
+  For intervals the input bounds are sown to ``'preactivations'`` when ``fn``
+  is ReLU, so the Fast-IBP regularisers can see every ReLU layer.
+  """
+  fn: Callable = jax.nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    if _is_box(x):
+      if self.fn is jax.nn.relu:
+        self.sow('preactivations', 'bounds', x)
+      return ibp.monotone(x, self.fn)
+    return self.fn(x)
+
+
+def ReLU(name: str | None = None) -> Activation:  # pylint: disable=invalid-name
+  return Activation(jax.nn.relu, name=name)
+
+
+def add(a, b):
+  """Residual add of two arrays or two intervals."""
+  if _is_box(a) != _is_box(b):
+    raise ValueError('add: cannot add an array and an Interval.')
+  return ibp.add(a, b) if _is_box(a) else a + b
+
+
+class ElidedDense(nn.Module):
+  """The classifier. Arrays: logits ``(N, K)``. Interval (needs ``labels``):
+  lower bounds of the margins ``logit_y - logit_j`` ``(N, K)`` of the elided
+  last layer (0 at ``j = y``)."""
+  features: int
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, labels=None):
+    d_in = (x.lower if _is_box(x) else x).shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (d_in, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    if _is_box(x):
+      if labels is None:
+        raise ValueError('ElidedDense on an Interval needs the labels.')
+      return ibp.elided_margins(x, kernel, bias, labels)
+    return ops.dense(x, kernel) + bias
+
+
+class Flatten(nn.Module):
+  """``(N, ...) -> (N, prod(...))``."""
+
+  @nn.compact
+  def __call__(self, x):
+    if _is_box(x):
+      return ibp.flatten(x)
+    return x.reshape(x.shape[0], -1)
+
+
+class AvgPool(nn.Module):
+  window: Sequence[int] = (2, 2)
+  strides: Sequence[int] | None = None
+  padding: str = 'VALID'
+
+  @nn.compact
+  def __call__(self, x):
+    if _is_box(x):
+      return ibp.avg_pool(x, self.window, self.strides, self.padding)
+    return nn.avg_pool(x, tuple(self.window), self.strides and tuple(self.strides), self.padding)
+
+
+class MaxPool(nn.Module):
+  window: Sequence[int] = (2, 2)
+  strides: Sequence[int] | None = None
+  padding: str = 'VALID'
+
+  @nn.compact
+  def __call__(self, x):
+    if _is_box(x):
+      return ibp.max_pool(x, self.window, self.strides, self.padding)
+    return nn.max_pool(x, tuple(self.window), self.strides and tuple(self.strides), self.padding)
+
+
+class DEQ(nn.Module):
+  """Certifiable DEQ layer ``z* = σ(W z* + U x + b)`` on NHWC input.
+
+  ``U`` is a ``injection_kernel_size`` convolution ``C_in -> features`` (CerDEQ
+  initialisation), ``W`` a stride-1 'SAME' ``kernel_size`` convolution
+  ``features -> features`` kept contractive by ``parametrization`` (projected
+  after every optimiser step by `parametrize.project_tree`; the initial value is
+  already projected). For an `Interval` input the output is the sound interval
+  fixed point (see `deq.solve_deq`); with ``strict=True`` samples whose bounds
+  are not certifiable (solve not converged or L >= 1) get infinite bounds, so
+  no later layer can certify them.
+
+  Sown: ``'deq_stats'`` / ``'nominal'`` or ``'interval'``: a `deq.DEQStats`; for intervals, the
+  pre-activation bounds at the fixed point to ``'preactivations'``.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  injection_kernel_size: Sequence[int] = (3, 3)
+  injection_strides: Sequence[int] = (1, 1)
+  parametrization: parametrize.Parametrization = parametrize.Parametrization('bjorck')
+  solver: solvers.Solver = solvers.Anderson(tol=1e-4, max_iter=50)
+  adjoint_solver: solvers.Solver | None = None
+  activation: Callable = jax.nn.relu
+  injection_init: Initializer = parametrize.cerdeq_injection_init()
+
+  @nn.compact
+  def __call__(self, x, strict: bool = False):
+    inject = Conv(self.features, self.injection_kernel_size, self.injection_strides,
+                  kernel_init=self.injection_init, name='injection')
+    injection = inject(x)
+    kernel_shape = tuple(self.kernel_size) + (self.features, self.features)
+    param = self.parametrization
+
+    def init_hidden(key, shape):
+      k_kernel, k_vector = jax.random.split(key)
+      kernel = jax.random.normal(k_kernel, shape) / jnp.sqrt(jnp.prod(jnp.array(shape[:-1])))
+      vector = parametrize.initial_spectral_vector(k_vector, kernel)
+      return parametrize.project(kernel, vector, param)[0]
+
+    kernel = self.param(HIDDEN_KERNEL, init_hidden, kernel_shape)
+    if param.method == 'sn':
+      self.variable(SPECTRAL, HIDDEN_KERNEL, parametrize.initial_spectral_vector,
+                    self.make_rng('params') if self.is_initializing() else None, kernel)
+    z, stats = deq.solve_deq(kernel, injection, self.solver, self.adjoint_solver,
+                             self.activation)
+    self.sow('deq_stats', 'interval' if _is_box(z) else 'nominal', stats)
+    if _is_box(z):
+      pre = ibp.linear_map(z, lambda c: ops.same_conv(c, kernel),
+                           lambda r: ops.same_conv(r, jnp.abs(kernel)))
+      self.sow('preactivations', 'bounds',
+               Interval(pre.lower + injection.lower, pre.upper + injection.upper))
+      if strict:
+        ok = stats.certifiable.reshape((-1,) + (1,) * (z.lower.ndim - 1))
+        z = Interval(jnp.where(ok, z.lower, -jnp.inf), jnp.where(ok, z.upper, jnp.inf))
+    return z

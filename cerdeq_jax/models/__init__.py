@@ -1,0 +1,41 @@
+"""Certified classifiers built from `cerdeq_jax.layers`.
+
+Every model is called as ``model(x, train, labels=None)``: logits ``(N, K)`` for
+an array, margin lower bounds ``(N, K)`` for an `Interval` (with labels).
+"""
+from __future__ import annotations
+
+from cerdeq_jax import parametrize, solvers
+from cerdeq_jax.models.cerdeq import CerDEQ
+from cerdeq_jax.models.cnn import CNN, cnn7, cnn_depth
+from cerdeq_jax.models.resnets import ResNet, resnext, wide_resnet
+
+MODEL_NAMES = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth')
+_DEQ_METHODS = {'cerdeq': 'bjorck', 'deq_wn': 'wn', 'deq_sn': 'sn'}
+
+
+def create(name: str, num_classes: int, *, image_size: int = 32, width: int | None = None,
+           depth: int = 7, deq_scale: float = 0.95, solver: solvers.Solver | None = None,
+           adjoint_solver: solvers.Solver | None = None, dense: int = 512):
+  """Builds a model by name (see `MODEL_NAMES`).
+
+  ``image_size`` >= 64 adds a downsampling stage (Tiny-ImageNet); ``width`` is
+  the base channel count (model-specific default when None).
+  """
+  big = image_size >= 64
+  if name in _DEQ_METHODS:
+    w = width or 64
+    stride = 2 if big else 1
+    return CerDEQ(num_classes, w, (2 * w,) * 3 + ((2 * w,) if big else ()),
+                  (2, 1, 1) + ((2,) if big else ()), (dense,), (stride, stride),
+                  parametrize.Parametrization(_DEQ_METHODS[name], deq_scale),
+                  solver or solvers.Anderson(tol=1e-4, max_iter=50), adjoint_solver)
+  if name == 'cnn7':
+    return cnn7(num_classes, width or 64, dense, big)
+  if name == 'cnn_depth':
+    return cnn_depth(num_classes, depth, width or 64, dense)
+  if name == 'wide_resnet':
+    return wide_resnet(num_classes, width or 8, big)
+  if name == 'resnext':
+    return resnext(num_classes, width or 64, extra_downsample=big)
+  raise ValueError(f'Unknown model {name!r}; choose one of {", ".join(MODEL_NAMES)}.')
