@@ -92,9 +92,11 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   lipschitz = abs_operator_bound(kernel)
   if is_box:
     contraction = lipschitz < 1
-    # The widening is a certificate margin, not a training signal.
+    # The widening is a certificate margin, not a training signal. Without a
+    # contraction nothing is known: widen to infinity (select, not multiply:
+    # inf * a zero residual would be NaN).
     delta = jax.lax.stop_gradient(
-        jnp.where(contraction, lipschitz / (1 - lipschitz), jnp.inf) * st.abs_residual)
+        jnp.where(contraction, lipschitz / (1 - lipschitz) * st.abs_residual, jnp.inf))
     delta = delta.reshape((-1,) + (1,) * (z.lower.ndim - 1))
     z = Interval(z.lower - delta, z.upper + delta)
     certifiable = st.converged & contraction
