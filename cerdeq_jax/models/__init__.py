@@ -16,16 +16,18 @@ _DEQ_METHODS = {'cerdeq': 'bjorck', 'deq_wn': 'wn', 'deq_sn': 'sn'}
 
 def create(name: str, num_classes: int, *, image_size: int = 32, width: int | None = None,
            depth: int = 7, deq_scale: float = 0.95, solver: solvers.Solver | None = None,
-           adjoint_solver: solvers.Solver | None = None, dense: int = 512):
+           adjoint_solver: solvers.Solver | None = None, dense: int = 512,
+           deq_stride: int | None = None):
   """Builds a model by name (see `MODEL_NAMES`).
 
   ``image_size`` >= 64 adds a downsampling stage (Tiny-ImageNet); ``width`` is
-  the base channel count (model-specific default when None).
+  the base channel count (model-specific default when None); ``deq_stride``
+  overrides the stride of the DEQ's injection (2 on 64x64 inputs, else 1).
   """
   big = image_size >= 64
   if name in _DEQ_METHODS:
     w = width or 64
-    stride = 2 if big else 1
+    stride = deq_stride or (2 if big else 1)
     return CerDEQ(num_classes, w, (2 * w,) * 3 + ((2 * w,) if big else ()),
                   (2, 1, 1) + ((2,) if big else ()), (dense,), (stride, stride),
                   parametrize.Parametrization(_DEQ_METHODS[name], deq_scale),

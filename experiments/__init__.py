@@ -1,0 +1,1 @@
+"""Experiment commands: ``python -m experiments.<name>``."""

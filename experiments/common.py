@@ -1,0 +1,223 @@
+"""Flags and the training loop shared by all experiments.
+
+An experiment module defines its defaults and calls `main_with_defaults`; the
+flow is absl flags -> `Config` (validated before any work) ->
+`train_and_evaluate(config, workdir)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+DATASETS = ('fashion_mnist', 'cifar10', 'tiny_imagenet')
+MODELS = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a run. Fields marked run-control in
+  `RUN_CONTROL` may change between a run and its resumption."""
+  dataset: str = 'cifar10'
+  model: str = 'cerdeq'
+  eps: float = 8 / 255           # [0, 1] pixel units
+  epochs: int = 200
+  batch_size: int = 128
+  seed: int = 0
+  lr: float = 5e-4
+  milestones: tuple[float, ...] = (120, 140)
+  clip_norm: float = 10.0
+  eps_start_epochs: float = 1
+  eps_length_epochs: float = 80
+  loss: str = 'fast_ibp'
+  reg_lambda: float = 0.5
+  augment_pad: int = 2
+  flip: bool = True
+  width: int | None = None
+  depth: int = 7
+  dense: int = 512
+  deq_scale: float = 0.95
+  solver: str = 'anderson'
+  tol: float = 1e-4
+  max_iter: int = 50
+  train_examples: int | None = None
+  test_examples: int | None = None
+  eval_examples_per_epoch: int | None = 1000
+  pgd_steps: int = 10
+  pgd_restarts: int = 1
+  data_dir: str | None = None
+  # run control
+  checkpoint_every_steps: int = 500
+  keep_checkpoints: int = 2
+  eval_only: bool = False
+  resume: bool = False
+  progress: bool = True
+  stop_after_steps: int | None = None
+
+  def to_json(self) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resume', 'progress',
+               'stop_after_steps', 'data_dir', 'epochs', 'eval_examples_per_epoch',
+               'pgd_steps', 'pgd_restarts', 'test_examples')
+
+
+def parse_eps(text: str) -> float:
+  """'8/255', '0.1', '2e-3' -> float in [0, 1]; ValueError with one line otherwise."""
+  try:
+    value = float(fractions.Fraction(text.strip()))
+  except (ValueError, ZeroDivisionError):
+    raise ValueError(f"--eps={text!r} is not a number or fraction like 8/255") from None
+  if not math.isfinite(value) or not 0 <= value <= 1:
+    raise ValueError(f'--eps={text!r} must lie in [0, 1] (pixel units)')
+  return value
+
+
+def validate(config: Config) -> Config:
+  """One-line ValueErrors for configurations that cannot run."""
+  if config.dataset not in DATASETS:
+    raise ValueError(f'unknown dataset {config.dataset!r}; choose one of {", ".join(DATASETS)}')
+  if config.model not in MODELS:
+    raise ValueError(f'unknown --model={config.model!r}; choose one of {", ".join(MODELS)}')
+  for name in ('epochs', 'batch_size', 'max_iter', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if getattr(config, name) <= 0:
+      raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
+  for name in ('train_examples', 'test_examples', 'eval_examples_per_epoch'):
+    if getattr(config, name) is not None and getattr(config, name) <= 0:
+      raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
+  if not 0 < config.deq_scale < 1:
+    raise ValueError(f'--deq_scale must lie in (0, 1), got {config.deq_scale}')
+  if config.solver not in ('anderson', 'picard'):
+    raise ValueError(f"--solver must be 'anderson' or 'picard', got {config.solver!r}")
+  if config.loss not in ('fast_ibp', 'mixed'):
+    raise ValueError(f"--loss must be 'fast_ibp' or 'mixed', got {config.loss!r}")
+  if not math.isfinite(config.eps) or not 0 <= config.eps <= 1:
+    raise ValueError(f'--eps must lie in [0, 1], got {config.eps}')
+  return config
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates ``workdir`` and checks it is writable (one-line OSError otherwise)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir!r} cannot be written: {e.strerror or e}') from None
+  return os.path.abspath(workdir)
+
+
+def define_flags(defaults: Config) -> None:
+  """absl flags mirroring `Config`, with the experiment's defaults."""
+  d = defaults
+  flags.DEFINE_string('eps', str(fractions.Fraction(d.eps).limit_denominator(1000)),
+                      'ℓ∞ radius in [0,1] pixel units, e.g. 8/255 or 0.1.')
+  flags.DEFINE_string('model', d.model, f'One of {", ".join(MODELS)}.')
+  flags.DEFINE_integer('epochs', d.epochs, 'Training epochs.')
+  flags.DEFINE_integer('batch_size', d.batch_size, 'Global batch size.')
+  flags.DEFINE_integer('seed', d.seed, 'Seed of initialisation, data order and PGD.')
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go.')
+  flags.DEFINE_bool('resume', False, 'Continue from the latest checkpoint in --workdir.')
+  flags.DEFINE_bool('eval_only', False, 'Only evaluate the latest checkpoint.')
+  flags.DEFINE_integer('train_examples', d.train_examples, 'Use the first N training examples.')
+  flags.DEFINE_integer('test_examples', d.test_examples, 'Use the first N test examples.')
+  flags.DEFINE_integer('eval_examples_per_epoch', d.eval_examples_per_epoch,
+                       'Test examples evaluated after each epoch (all at the end).')
+  flags.DEFINE_integer('width', d.width, 'Base width (model-specific default if unset).')
+  flags.DEFINE_integer('depth', d.depth, 'Depth of --model=cnn_depth.')
+  flags.DEFINE_integer('dense', d.dense, 'Width of the hidden dense layer.')
+  flags.DEFINE_float('lr', d.lr, 'Adam learning rate.')
+  flags.DEFINE_list('milestones', [str(m) for m in d.milestones], 'Epochs where lr x0.2.')
+  flags.DEFINE_float('eps_start_epochs', d.eps_start_epochs, 'Epochs at ε = 0.')
+  flags.DEFINE_float('eps_length_epochs', d.eps_length_epochs, 'Epochs of the ε ramp.')
+  flags.DEFINE_string('loss', d.loss, "'fast_ibp' or 'mixed' (κ annealed 1 -> 0.5).")
+  flags.DEFINE_float('reg_lambda', d.reg_lambda, 'Weight of the warm-up regularisers.')
+  flags.DEFINE_float('deq_scale', d.deq_scale, 'Bound s < 1 on || |W| ||_2 of DEQ weights.')
+  flags.DEFINE_string('solver', d.solver, "'anderson' or 'picard'.")
+  flags.DEFINE_float('tol', d.tol, 'Relative residual tolerance of DEQ solves.')
+  flags.DEFINE_integer('max_iter', d.max_iter, 'Iteration limit of DEQ solves.')
+  flags.DEFINE_integer('pgd_steps', d.pgd_steps, 'PGD steps per restart.')
+  flags.DEFINE_integer('pgd_restarts', d.pgd_restarts, 'PGD restarts.')
+  flags.DEFINE_string('data_dir', d.data_dir, 'Folder with the dataset files.')
+  flags.DEFINE_integer('checkpoint_every_steps', d.checkpoint_every_steps,
+                       'Save a checkpoint every N steps (and at each epoch end).')
+  flags.DEFINE_bool('progress', d.progress, 'Show progress bars.')
+  flags.DEFINE_integer('stop_after_steps', None, 'Stop (with a checkpoint) after N steps.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-process: host:port of process 0 (with --num_processes, --process_id).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-process: this process.')
+  flags.DEFINE_bool('distributed', False,
+                    'Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).')
+
+
+def config_from_flags(defaults: Config) -> Config:
+  try:
+    milestones = tuple(float(m) for m in FLAGS.milestones)
+  except ValueError:
+    raise ValueError(f'--milestones={",".join(FLAGS.milestones)} must be numbers') from None
+  return validate(dataclasses.replace(
+      defaults, eps=parse_eps(FLAGS.eps), model=FLAGS.model, epochs=FLAGS.epochs,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, resume=FLAGS.resume,
+      eval_only=FLAGS.eval_only, train_examples=FLAGS.train_examples,
+      test_examples=FLAGS.test_examples, eval_examples_per_epoch=FLAGS.eval_examples_per_epoch,
+      width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, lr=FLAGS.lr,
+      milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
+      eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, reg_lambda=FLAGS.reg_lambda,
+      deq_scale=FLAGS.deq_scale, solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
+      pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,
+      stop_after_steps=FLAGS.stop_after_steps))
+
+
+def main_with_defaults(defaults: Config) -> None:
+  """Entry point of an experiment module: ``python -m experiments.X --flags``."""
+  define_flags(defaults)
+
+  def main(argv):
+    if len(argv) > 1:
+      _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    try:
+      config = config_from_flags(defaults)
+      if not FLAGS.workdir:
+        raise ValueError('--workdir is required')
+      workdir = check_workdir(FLAGS.workdir)
+    except ValueError as e:
+      _fail(str(e))
+    _init_distributed()
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    from experiments import loop  # heavy imports only after validation
+    try:
+      loop.train_and_evaluate(config, workdir)
+    except (FileNotFoundError, loop.UsageError) as e:
+      _fail(str(e))
+
+  app.run(main)
+
+
+def _init_distributed():
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    import jax
+    if FLAGS.coordinator_address:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    else:
+      jax.distributed.initialize()
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)

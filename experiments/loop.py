@@ -1,0 +1,257 @@
+"""`train_and_evaluate(config, workdir)`: the certified training loop.
+
+Writes into ``workdir``: ``checkpoints/``, ``metrics.jsonl`` (one line per
+epoch), ``results.json`` (final evaluation on the whole test split) and PNG
+plots. Interrupted runs resume exactly (the data order and augmentation are
+functions of (seed, epoch, step), and the step is in the checkpoint); SIGTERM
+saves a checkpoint and exits cleanly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cerdeq_jax import checkpointing, data, models, parametrize, schedules, solvers, training
+from experiments import plots
+from experiments.common import RUN_CONTROL, Config
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: Config, dataset: data.Dataset):
+  solver_cls = solvers.Anderson if config.solver == 'anderson' else solvers.Picard
+  image_size = dataset.image_shape[0]
+  return models.create(
+      config.model, dataset.num_classes, image_size=image_size, width=config.width,
+      depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
+      solver=solver_cls(tol=config.tol, max_iter=config.max_iter),
+      deq_stride=2 if config.dataset == 'fashion_mnist' else None)
+
+
+def parametrization_of(model) -> parametrize.Parametrization | None:
+  return getattr(model, 'parametrization', None)
+
+
+class UsageError(ValueError):
+  """A run that cannot start as asked (reported as one line, no traceback)."""
+
+
+class _Stopper:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _load(config: Config, split: str) -> data.Dataset:
+  ds = data.load(config.dataset, split, data_dir=config.data_dir)
+  n = config.train_examples if split == 'train' else config.test_examples
+  return data.subset(ds, n)
+
+
+def evaluate(steps: training.Steps, state, dataset: data.Dataset, config: Config, eps: float,
+             key, limit: int | None = None, progress: bool = False) -> dict:
+  """Standard, PGD and certified error (in %) and interval-solver statistics."""
+  ds = data.subset(dataset, limit)
+  sums: dict = {}
+  batches = data.epoch_batches(ds, config.batch_size, config.seed, 0, shuffle=False,
+                               drop_remainder=False, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  n_batches = data.steps_per_epoch(ds.num_examples, config.batch_size, False)
+  if progress:
+    batches = _bar(batches, n_batches, 'eval')
+  for i, batch in enumerate(batches):
+    out = jax.device_get(steps.evaluate(state, batch, jax.random.fold_in(key, i), eps))
+    for k, v in out.items():
+      if k.endswith('_max') or k == 'deq_lipschitz':
+        sums[k] = max(sums.get(k, 0.0), float(v))
+      else:
+        sums[k] = sums.get(k, 0.0) + float(v)
+  n = sums['count']
+  result = {'examples': int(n), 'eps': eps,
+            'standard_error': 100 * (1 - sums['correct'] / n),
+            'pgd_error': 100 * (1 - sums['pgd_robust'] / n),
+            'certified_error': 100 * (1 - sums['certified'] / n),
+            'certified_but_broken': int(sums['certified_but_broken'])}
+  if 'deq_iterations_sum' in sums:
+    result.update(deq_iterations_mean=sums['deq_iterations_sum'] / n,
+                  deq_iterations_max=sums['deq_iterations_max'],
+                  deq_converged=100 * sums['deq_converged'] / n,
+                  deq_residual_max=sums['deq_residual_max'],
+                  deq_lipschitz=sums['deq_lipschitz'])
+  return result
+
+
+def _bar(iterable, total, desc, initial=0):
+  if jax.process_index() != 0:
+    return iterable
+  from tqdm import tqdm
+  return tqdm(iterable, total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True,
+              mininterval=2.0)
+
+
+def _truncate_metrics(path: str, before_epoch: int):
+  """Keeps the metrics lines of epochs already completed (for exact resume)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)['epoch'] < before_epoch]
+  with open(path, 'w') as f:
+    f.writelines(lines)
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+  is_main = jax.process_index() == 0
+  train_ds, test_ds = _load(config, 'train'), _load(config, 'test')
+  model = build_model(config, train_ds)
+  spe = data.steps_per_epoch(train_ds.num_examples, config.batch_size, True)
+  if spe == 0:
+    raise UsageError(f'{train_ds.num_examples} training examples are fewer than one batch '
+                     f'of {config.batch_size}')
+  cfg = training.CertifiedTraining(
+      eps=config.eps, mean=train_ds.mean, std=train_ds.std, steps_per_epoch=spe,
+      eps_start_epochs=config.eps_start_epochs, eps_length_epochs=config.eps_length_epochs,
+      loss=config.loss, reg_lambda=config.reg_lambda,
+      parametrization=parametrization_of(model))
+  lr = schedules.learning_rate(config.lr, spe, config.milestones)
+  tx = schedules.optimizer(lr, config.clip_norm)
+  mesh = training.make_mesh()
+  sample = np.zeros((config.batch_size,) + train_ds.image_shape, np.float32)
+  state = training.init_state(model, tx, jax.random.PRNGKey(config.seed), sample[:1],
+                              cfg.parametrization)
+  state = training.replicate(mesh, state)
+  steps = training.Steps(model, tx, cfg, mesh, config.pgd_steps, config.pgd_restarts)
+
+  identity = {k: v for k, v in config.to_json().items() if k not in RUN_CONTROL}
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), identity,
+                                    config.keep_checkpoints)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if config.resume or config.eval_only:
+    try:
+      restored = ckpt.restore(state)
+    except checkpointing.IncompatibleCheckpoint as e:
+      raise UsageError(str(e)) from None
+    if restored is None and config.eval_only:
+      raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints')
+    if restored is not None:
+      state = training.replicate(mesh, restored)
+  elif ckpt.latest_step() is not None:
+    raise UsageError(f'{workdir} already holds checkpoints: pass --resume or use a new --workdir')
+  step = int(jax.device_get(state.step))
+  key = jax.random.PRNGKey(config.seed + 1)
+  total_steps = config.epochs * spe
+  if is_main:
+    _truncate_metrics(metrics_path, step // spe)
+    print(f'{config.model} on {config.dataset}: {train_ds.num_examples} train / '
+          f'{test_ds.num_examples} test, {spe} steps per epoch, '
+          f'{jax.device_count()} device(s), {jax.process_count()} process(es); '
+          f'starting at step {step}', flush=True)
+
+  stopper = _Stopper()
+  interrupted = False
+  try:
+    while step < total_steps and not config.eval_only:
+      epoch, start = divmod(step, spe)
+      t0, seen, sums, count = time.time(), 0, {}, 0
+      batches = data.prefetch(data.epoch_batches(
+          train_ds, config.batch_size, config.seed, epoch, augment_pad=config.augment_pad,
+          flip=config.flip, process_index=jax.process_index(),
+          process_count=jax.process_count(), start_step=start))
+      bar = _bar(batches, spe, f'epoch {epoch + 1}/{config.epochs}', start) \
+          if config.progress else batches
+      for batch in bar:
+        state, m = steps.train(state, batch, step)
+        step += 1
+        seen += config.batch_size
+        m = jax.device_get(m)
+        for k, v in m.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+        if config.progress and is_main and hasattr(bar, 'set_postfix'):
+          bar.set_postfix(loss=f'{float(m["loss"]):.3f}', eps=f'{float(m.get("eps", 0)):.4f}',
+                          img_s=f'{seen / (time.time() - t0):.0f}', refresh=False)
+        stop_now = stopper.requested or (config.stop_after_steps and step >= config.stop_after_steps)
+        if step % config.checkpoint_every_steps == 0 or stop_now:
+          ckpt.save(state, step)
+        if stop_now:
+          interrupted = True
+          break
+      if hasattr(batches, 'close'):
+        batches.close()
+      if interrupted:
+        break
+      record = {'epoch': epoch, 'step': step, 'eps': float(cfg.epsilon(step - 1)),
+                'lr': float(lr(step - 1)), 'time_s': time.time() - t0,
+                'images_per_s': seen / (time.time() - t0)}
+      record.update({f'train_{k}' if not k.startswith('train_') else k: v / count
+                     for k, v in sums.items() if k != 'eps'})
+      ev = evaluate(steps, state, test_ds, config, config.eps, jax.random.fold_in(key, epoch),
+                    config.eval_examples_per_epoch if step < total_steps else None)
+      record.update({f'test_{k}': v for k, v in ev.items()})
+      ckpt.save(state, step, {'certified_error': ev['certified_error']})
+      if is_main:
+        with open(metrics_path, 'a') as f:
+          f.write(json.dumps(record) + '\n')
+        print(f'epoch {epoch + 1}: loss {record.get("train_loss", float("nan")):.4f} '
+              f'eps {record["eps"]:.4f} | test standard {ev["standard_error"]:.2f}% '
+              f'PGD {ev["pgd_error"]:.2f}% certified {ev["certified_error"]:.2f}% '
+              f'({ev["examples"]} examples) | {record["time_s"]:.0f}s', flush=True)
+  finally:
+    stopper.restore()
+
+  if interrupted:
+    if is_main:
+      print(f'stopped at step {step}; checkpoint saved, resume with --resume', flush=True)
+    ckpt.close()
+    return {}
+  t0 = time.time()
+  final = evaluate(steps, state, test_ds, config, config.eps, jax.random.fold_in(key, 10**6),
+                   progress=config.progress)
+  final.update(eval_time_s=time.time() - t0, model=config.model, dataset=config.dataset,
+               config=config.to_json(), steps=step, devices=jax.device_count(),
+               platform=jax.devices()[0].platform)
+  if parametrization_of(model) is not None:
+    kernel = state.params['deq']['hidden_kernel']
+    final['hidden_singular_values'] = np.asarray(
+        parametrize.singular_values(kernel)).tolist()
+  ckpt.close()
+  if is_main:
+    epochs_log = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+    final['train_time_s'] = sum(r['time_s'] for r in epochs_log)
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(final, f, indent=1)
+    plots.training_curves(epochs_log, os.path.join(workdir, 'training_curves.png'))
+    plots.errors_per_epoch(epochs_log, os.path.join(workdir, 'errors_per_epoch.png'))
+    print(format_table(final), flush=True)
+  return final
+
+
+def format_table(result: dict) -> str:
+  rows = [('standard error', f'{result["standard_error"]:.2f} %'),
+          ('PGD error', f'{result["pgd_error"]:.2f} %'),
+          ('certified error', f'{result["certified_error"]:.2f} %')]
+  if 'deq_iterations_mean' in result:
+    rows += [('DEQ bound iterations (mean / max)',
+              f'{result["deq_iterations_mean"]:.1f} / {result["deq_iterations_max"]:.0f}'),
+             ('DEQ bound solves converged', f'{result["deq_converged"]:.2f} %'),
+             ('DEQ max residual', f'{result["deq_residual_max"]:.2e}'),
+             ('L bound on || |W| ||_2', f'{result["deq_lipschitz"]:.4f}')]
+  width = max(len(r[0]) for r in rows)
+  head = (f'{result["model"]} on {result["dataset"]} test ({result["examples"]} examples), '
+          f'eps = {result["eps"]:.4g}')
+  return '\n'.join([head] + [f'  {name:<{width}}  {value}' for name, value in rows])
