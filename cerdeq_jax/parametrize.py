@@ -282,7 +282,9 @@ def project_tree(params, states, parametrization: Parametrization,
     for key, value in p.items():
       sub = s.get(key) if isinstance(s, Mapping) else None
       if key == name and _is_leaf(value):
-        new_p[key], new_s[key] = project(value, sub, parametrization)
+        new_p[key], state = project(value, sub, parametrization)
+        if state is not None:  # stateless methods leave the states tree empty
+          new_s[key] = state
       elif not _is_leaf(value):
         new_p[key], child = walk(value, sub)
         if child:
