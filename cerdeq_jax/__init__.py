@@ -1,5 +1,16 @@
-"""cerdeq_jax: certifiably robust Deep Equilibrium Models in JAX/Flax."""
-from cerdeq_jax.interval import Interval, linf_ball
-from cerdeq_jax.solvers import Anderson, Picard, SolverStats, solve
-from cerdeq_jax.implicit import fixed_point
+"""cerdeq_jax: certifiably robust Deep Equilibrium Models in JAX/Flax.
+
+Public API (re-exported here); submodules: `ibp`, `solvers`, `implicit`, `deq`,
+`parametrize`, `layers`, `models`, `losses`, `schedules`, `attacks`,
+`training`, `checkpointing`, `data`.
+"""
+from cerdeq_jax import attacks, deq, ibp, implicit, layers, losses, models, ops
+from cerdeq_jax import parametrize, schedules, solvers
+from cerdeq_jax.attacks import pgd
 from cerdeq_jax.deq import DEQStats, abs_operator_bound, solve_deq
+from cerdeq_jax.implicit import fixed_point
+from cerdeq_jax.interval import Interval, checked, linf_ball
+from cerdeq_jax.parametrize import Parametrization
+from cerdeq_jax.solvers import Anderson, Picard, SolverStats, solve
+
+__version__ = '0.1.0'
