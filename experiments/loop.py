@@ -186,7 +186,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           bar.set_postfix(loss=f'{float(m["loss"]):.3f}', eps=f'{float(m.get("eps", 0)):.4f}',
                           img_s=f'{seen / (time.time() - t0):.0f}', refresh=False)
         stop_now = stopper.requested or (config.stop_after_steps and step >= config.stop_after_steps)
-        if step % config.checkpoint_every_steps == 0 or stop_now:
+        # The epoch-end save (with metrics) covers the last step of an epoch.
+        if stop_now or (step % config.checkpoint_every_steps == 0 and step % spe != 0):
           ckpt.save(state, step)
         if stop_now:
           interrupted = True
