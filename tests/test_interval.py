@@ -1,0 +1,110 @@
+"""Tests of the `Interval` pytree, `checked` and `linf_ball`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cerdeq_jax.interval import Interval, checked, linf_ball
+
+
+def test_centre_radius_round_trip(rng):
+  lo = rng.normal(size=(3, 4)).astype(np.float32)
+  up = lo + rng.uniform(0, 2, size=(3, 4)).astype(np.float32)
+  box = Interval(jnp.asarray(lo), jnp.asarray(up))
+  np.testing.assert_allclose(box.centre, (lo + up) / 2, rtol=1e-6)
+  np.testing.assert_allclose(box.radius, (up - lo) / 2, rtol=1e-6)
+  back = Interval.from_centre_radius(box.centre, box.radius)
+  np.testing.assert_allclose(back.lower, lo, atol=1e-6)
+  np.testing.assert_allclose(back.upper, up, atol=1e-6)
+  assert box.shape == (3, 4)
+  point = Interval.point(jnp.asarray(lo))
+  np.testing.assert_array_equal(point.radius, 0)
+  assert bool(box.contains(jnp.asarray((lo + up) / 2)))
+  assert not bool(box.contains(jnp.asarray(up + 1e-3)))
+
+
+def test_interval_is_a_pytree():
+  box = Interval(jnp.zeros(3), jnp.ones(3))
+  leaves = jax.tree_util.tree_leaves(box)
+  assert len(leaves) == 2
+  doubled = jax.tree_util.tree_map(lambda a: 2 * a, box)
+  assert isinstance(doubled, Interval)
+  np.testing.assert_array_equal(doubled.upper, 2 * np.ones(3))
+  out = jax.jit(lambda b: Interval(b.lower - 1, b.upper + 1))(box)
+  np.testing.assert_array_equal(out.lower, -np.ones(3))
+
+
+@pytest.mark.parametrize('lower, upper, match', [
+    (np.zeros((2, 3)), np.ones((3, 2)), 'shape'),
+    (np.array([0.0, 2.0]), np.array([1.0, 1.0]), 'lower > upper'),
+    (np.array([0.0, np.nan]), np.array([1.0, 1.0]), 'non-finite'),
+    (np.array([0.0, 0.0]), np.array([1.0, np.inf]), 'non-finite'),
+    (np.array([-np.inf, 0.0]), np.array([1.0, 1.0]), 'non-finite'),
+])
+def test_checked_rejects_bad_bounds(lower, upper, match):
+  with pytest.raises(ValueError, match=match) as info:
+    checked(lower, upper)
+  assert '\n' not in str(info.value)
+
+
+def test_checked_accepts_good_bounds():
+  box = checked(np.zeros(3), np.array([0.0, 1.0, 2.0]))
+  assert isinstance(box, Interval)
+  np.testing.assert_array_equal(box.upper, [0.0, 1.0, 2.0])
+  # Under jit only shapes can be checked; concrete-value checks are skipped.
+  out = jax.jit(lambda a, b: checked(a, b).upper)(jnp.zeros(2), jnp.ones(2))
+  np.testing.assert_array_equal(out, [1.0, 1.0])
+
+
+def test_linf_ball_radius_is_eps_over_std_per_channel(rng):
+  mean = np.array([0.4914, 0.4822, 0.4465])
+  std = np.array([0.2023, 0.1994, 0.2010])
+  pixels = rng.uniform(0.2, 0.8, size=(2, 4, 4, 3))  # far from the clipping edges
+  x = (pixels - mean) / std
+  eps = 8 / 255
+  box = linf_ball(jnp.asarray(x, jnp.float32), eps, mean, std)
+  expected = np.broadcast_to(eps / std, x.shape)
+  np.testing.assert_allclose(box.radius, expected, rtol=1e-5)
+  np.testing.assert_allclose(box.centre, x, atol=1e-5)
+  # In pixel units the box is exactly [pixels - eps, pixels + eps].
+  np.testing.assert_allclose(np.asarray(box.lower) * std + mean, pixels - eps, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(box.upper) * std + mean, pixels + eps, atol=1e-5)
+
+
+def test_linf_ball_clips_to_valid_pixel_range():
+  mean = np.array([0.5, 0.25])
+  std = np.array([0.5, 0.25])
+  pixels = np.array([[[[0.0, 1.0], [0.01, 0.995], [0.5, 0.5]]]])  # (1, 1, 3, 2)
+  x = (pixels - mean) / std
+  eps = 0.03
+  box = linf_ball(jnp.asarray(x, jnp.float32), eps, mean, std)
+  lo_pix = np.asarray(box.lower) * std + mean
+  up_pix = np.asarray(box.upper) * std + mean
+  np.testing.assert_allclose(lo_pix, np.clip(pixels - eps, 0, 1), atol=1e-6)
+  np.testing.assert_allclose(up_pix, np.clip(pixels + eps, 0, 1), atol=1e-6)
+  assert np.all(lo_pix >= -1e-6) and np.all(up_pix <= 1 + 1e-6)
+
+
+def test_linf_ball_scalar_constants_and_dense_input():
+  x = jnp.array([[0.1, 0.5, 0.95]])
+  box = linf_ball(x, 0.1)
+  np.testing.assert_allclose(box.lower, [[0.0, 0.4, 0.85]], atol=1e-6)
+  np.testing.assert_allclose(box.upper, [[0.2, 0.6, 1.0]], atol=1e-6)
+
+
+def test_linf_ball_zero_eps_is_a_point():
+  x = jnp.array([[0.1, 0.5]])
+  box = linf_ball(x, 0.0)
+  np.testing.assert_array_equal(box.lower, box.upper)
+  np.testing.assert_allclose(box.lower, x)
+
+
+@pytest.mark.parametrize('eps', [-1e-3, float('nan'), float('inf')])
+def test_linf_ball_rejects_bad_eps(eps):
+  with pytest.raises(ValueError, match='eps'):
+    linf_ball(jnp.zeros((1, 2)), eps)
+
+
+def test_linf_ball_rejects_nonpositive_std():
+  with pytest.raises(ValueError, match='std'):
+    linf_ball(jnp.zeros((1, 2)), 0.1, mean=0.0, std=[1.0, 0.0])

@@ -1,0 +1,264 @@
+"""Fixed-point solvers against independent computations (float64).
+
+Problems: ``z -> tanh(A z + b)`` with ``||A||_2 = L < 1`` on an array and on a
+dict of two arrays (one coupled operator), so the exact fixed point is known
+to any precision by a long numpy Picard iteration, and any point ``r`` obeys
+``||r - z*|| <= ||f(r) - r|| / (1 - L)``.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cerdeq_jax import solvers
+from cerdeq_jax.solvers import Anderson, Picard, solve
+
+try:
+  from tests import conftest as H
+except ImportError:  # pragma: no cover
+  import conftest as H
+
+pytestmark = pytest.mark.usefixtures('x64')
+
+
+def _contraction(seed, n, lipschitz):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  return lipschitz * q, rng.normal(size=n)
+
+
+def _dense_problem(seed=0, n=12, lipschitz=0.8):
+  a, b = _contraction(seed, n, lipschitz)
+  f = lambda z: jnp.tanh(a @ z + b)
+  f_np = lambda z: np.tanh(a @ z + b)
+  return f, f_np, np.zeros(n), (lambda z: np.asarray(z)), (lambda v: jnp.asarray(v))
+
+
+def _tree_problem(seed=1, lipschitz=0.8):
+  """State {'u': (4,), 'v': (2, 3)}: one 10x10 contraction split in blocks."""
+  a, b = _contraction(seed, 10, lipschitz)
+
+  def flat(tree):
+    return np.concatenate([np.asarray(tree['u']).ravel(), np.asarray(tree['v']).ravel()])
+
+  def unflat(v):
+    return {'u': jnp.asarray(v[:4]), 'v': jnp.asarray(v[4:]).reshape(2, 3)}
+
+  def f(tree):
+    z = jnp.concatenate([tree['u'], tree['v'].ravel()])
+    h = jnp.tanh(a @ z + b)
+    return {'u': h[:4], 'v': h[4:].reshape(2, 3)}
+
+  f_np = lambda z: np.tanh(a @ z + b)
+  return f, f_np, np.zeros(10), flat, unflat
+
+
+PROBLEMS = {'dense': _dense_problem, 'tree': _tree_problem}
+
+
+def _exact(f_np, z0, steps=3000):
+  z = z0
+  for _ in range(steps):
+    z = f_np(z)
+  return z
+
+
+def _reference_picard(f_np, z0, tol, max_iter, damping=1.0):
+  """The documented stopping rule, unrolled in Python (numpy, no JAX)."""
+  calls = 1
+  z, fz = z0, f_np(z0)
+  rel = lambda z, fz: np.linalg.norm(fz - z) / (np.linalg.norm(fz) + 1e-8)
+  it = 0
+  while not (rel(z, fz) <= tol or it >= max_iter):
+    z = (1 - damping) * z + damping * fz
+    fz = f_np(z)
+    calls += 1
+    it += 1
+  return fz, it, rel(z, fz), np.linalg.norm(fz - z), calls
+
+
+def _solve(f, z0, solver):
+  """`solve` under a (fast-compiling) jit."""
+  return H.jit(lambda z: solve(f, z, solver))(z0)
+
+
+SOLVERS = {
+    'picard': Picard(tol=1e-9, max_iter=500),
+    'anderson': Anderson(tol=1e-9, max_iter=500),
+}
+
+
+@pytest.mark.parametrize('problem', ['dense', 'tree'])
+@pytest.mark.parametrize('name', ['picard', 'anderson'])
+def test_solution_meets_tolerance_and_is_near_exact(problem, name):
+  f, f_np, z0, flat, unflat = PROBLEMS[problem]()
+  solver = SOLVERS[name]
+  r, st = H.jit(lambda z: solve(f, z, solver))(unflat(z0))
+  assert bool(st.converged) and float(st.residual) <= solver.tol
+  rv = flat(r)
+  assert rv.dtype == np.float64
+  res = np.linalg.norm(f_np(rv) - rv)
+  assert res <= solver.tol * np.linalg.norm(f_np(rv))
+  exact = _exact(f_np, z0)
+  # r = f(z_k): ||r - z*|| <= L/(1-L) ||f(z_k) - z_k||  with L = 0.8.
+  assert np.linalg.norm(rv - exact) <= 4.0 * float(st.abs_residual) * (1 + 1e-6) + 1e-14
+  assert np.linalg.norm(rv - exact) <= 4.0 * solver.tol * np.linalg.norm(exact) * 1.01
+  # The reported residuals are consistent with each other.
+  np.testing.assert_allclose(float(st.residual),
+                             float(st.abs_residual) / (np.linalg.norm(rv) + 1e-8), rtol=1e-9)
+
+
+@pytest.mark.parametrize('problem, damping, tol, max_iter', [
+    ('dense', 1.0, 1e-9, 500), ('tree', 0.5, 1e-9, 500), ('tree', 1.0, 1e-12, 7),
+    ('dense', 0.7, 1e-6, 500)])
+def test_picard_matches_python_reference(problem, damping, tol, max_iter):
+  f, f_np, z0, flat, unflat = PROBLEMS[problem]()
+  r, st = _solve(f, unflat(z0), Picard(tol=tol, max_iter=max_iter, damping=damping))
+  ref, it, rel, abs_res, _ = _reference_picard(f_np, z0, tol, max_iter, damping)
+  assert int(st.iterations) == it
+  assert bool(st.converged) == (rel <= tol)
+  np.testing.assert_allclose(flat(r), ref, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(float(st.residual), rel, rtol=1e-6, atol=1e-15)
+  np.testing.assert_allclose(float(st.abs_residual), abs_res, rtol=1e-6, atol=1e-15)
+
+
+def _counting(f):
+  """Wraps ``f`` so that every *executed* call bumps a host-side counter."""
+  calls = []
+
+  def wrapped(z):
+    jax.debug.callback(lambda: calls.append(1))
+    return f(z)
+
+  return wrapped, calls
+
+
+@pytest.mark.parametrize('solver', [
+    Picard(tol=1e-9, max_iter=500), Picard(tol=1e-9, max_iter=5),
+    Anderson(tol=1e-9, max_iter=500), Anderson(tol=1e-9, max_iter=4, memory=3)],
+    ids=['picard', 'picard-capped', 'anderson', 'anderson-capped'])
+def test_iterations_equal_calls_minus_one(solver):
+  f, f_np, z0, flat, unflat = PROBLEMS['tree']()
+  g, calls = _counting(f)
+  _, st = _solve(g, unflat(z0), solver)
+  jax.effects_barrier()
+  assert int(st.iterations) == len(calls) - 1
+  capped = solver.max_iter < 10
+  assert int(st.iterations) == (solver.max_iter if capped else int(st.iterations))
+  assert bool(st.converged) == (not capped)
+  if capped:
+    assert float(st.residual) > solver.tol
+  if isinstance(solver, Picard):
+    assert len(calls) == _reference_picard(f_np, z0, solver.tol, solver.max_iter)[-1]
+
+
+def test_picard_and_anderson_agree():
+  f, f_np, z0, flat, unflat = PROBLEMS['dense']()
+  tol, lipschitz = 1e-10, 0.8
+  p, sp = _solve(f, unflat(z0), Picard(tol=tol, max_iter=1000))
+  a, sa = _solve(f, unflat(z0), Anderson(tol=tol, max_iter=1000))
+  assert bool(sp.converged) and bool(sa.converged)
+  bound = 2 * tol / (1 - lipschitz) * np.linalg.norm(flat(p))
+  assert np.linalg.norm(flat(p) - flat(a)) <= bound
+
+
+def test_anderson_needs_fewer_iterations_on_slow_contraction():
+  # tanh(A z + b) with A symmetric, spectrum in [0, 0.95], and a small b: nearly
+  # linear and slowly contracting. (A spectrum spread on a circle, e.g. 0.95 * an
+  # orthogonal matrix, is the worst case of every Krylov-type method, Anderson
+  # included: avoid it.)
+  q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(20, 20)))
+  a = q @ np.diag(np.linspace(0.5, 0.95, 20)) @ q.T
+  b = np.random.default_rng(4).normal(size=20)
+  f = lambda z: jnp.tanh(a @ z + 0.01 * b)
+  z0 = jnp.zeros(20)
+  p, sp = _solve(f, z0, Picard(tol=1e-8, max_iter=2000))
+  an, sa = _solve(f, z0, Anderson(tol=1e-8, max_iter=2000, memory=5))
+  assert bool(sp.converged) and bool(sa.converged)
+  assert int(sp.iterations) > 100  # the problem is slow for Picard...
+  assert int(sa.iterations) * 3 < int(sp.iterations)  # ...and not for Anderson
+  np.testing.assert_allclose(an, p, atol=2e-8 / 0.05 * float(jnp.linalg.norm(p)))
+
+
+def test_damping_makes_an_expansive_linear_map_converge():
+  # f(z) = -1.5 z + b is not a contraction; z <- 0.5 z + 0.5 f(z) = -0.25 z + 0.5 b is,
+  # with fixed point b / 2.5.
+  b = jnp.asarray(np.random.default_rng(4).normal(size=6))
+  f = lambda z: -1.5 * z + b
+  _, st = _solve(f, jnp.zeros(6), Picard(tol=1e-10, max_iter=60))
+  assert not bool(st.converged)
+  r, st = _solve(f, jnp.zeros(6), Picard(tol=1e-10, max_iter=60, damping=0.5))
+  assert bool(st.converged)
+  np.testing.assert_allclose(r, b / 2.5, rtol=1e-9)
+  r, st = _solve(f, jnp.zeros(6), Anderson(tol=1e-10, max_iter=60))
+  assert bool(st.converged)
+  np.testing.assert_allclose(r, b / 2.5, rtol=1e-8)
+
+
+@H.jit
+def _degenerate_solves(a, c, z0):
+  """Anderson on f(z) = a * z + c (a, c traced: one compilation per dtype):
+  with tol < 0 (never converges, so the memory fills with zero residuals) and
+  with a normal tol."""
+  f = lambda z: a * z + c
+  return (solve(f, z0, Anderson(tol=-1.0, max_iter=12, memory=4)),
+          solve(f, z0, Anderson(tol=1e-6, max_iter=12, memory=4)))
+
+
+@pytest.mark.parametrize('case', ['constant', 'identity', 'zero', 'already-solved'])
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_anderson_safeguard_no_nan_on_degenerate_problems(case, dtype):
+  c = jnp.asarray(np.linspace(-1, 1, 5), dtype)
+  zeros = jnp.zeros(5, dtype)
+  a, shift, z0 = {
+      'constant': (0.0, c, zeros),        # residuals exactly 0 after one step
+      'identity': (1.0, zeros, c),        # every iterate repeats exactly, zero residual
+      'zero': (0.0, zeros, zeros),        # zero state, zero residuals, zero norms
+      'already-solved': (0.0, c, c),
+  }[case]
+  (r, st), (r_tol, st_tol) = _degenerate_solves(jnp.asarray(a, dtype), shift, z0)
+  expected = c if case != 'zero' else zeros
+  assert int(st.iterations) == 12
+  assert np.all(np.isfinite(np.asarray(r)))
+  assert np.isfinite(float(st.residual)) and np.isfinite(float(st.abs_residual))
+  np.testing.assert_allclose(r, expected, atol=1e-6)
+  # With a normal tolerance it stops as soon as the residual is zero.
+  assert bool(st_tol.converged) and int(st_tol.iterations) <= 1
+  np.testing.assert_allclose(r_tol, expected, atol=1e-6)
+
+
+def test_anderson_falls_back_to_picard_when_the_gram_system_is_not_finite():
+  # float32 residuals of size 1e20: their Gram matrix overflows to inf, the mixing
+  # weights are NaN, and the documented fallback (a Picard step) must take over.
+  # f(z) = 0.5 z + c has the fixed point 2c; Picard halves the error per step.
+  c = jnp.asarray(np.linspace(1, 2, 5) * 1e20, jnp.float32)
+  r, st = H.jit(lambda z: solve(lambda z: 0.5 * z + c, z, Anderson(tol=-1.0, max_iter=40)))(
+      jnp.zeros(5, jnp.float32))
+  assert int(st.iterations) == 40
+  assert np.all(np.isfinite(np.asarray(r)))
+  np.testing.assert_allclose(r, 2 * c, rtol=1e-5)
+
+
+def test_vmap_gives_per_sample_statistics():
+  a, _ = _contraction(5, 8, 0.9)
+  bs = jnp.asarray(np.random.default_rng(6).normal(size=(3, 8)) * np.array([[0.01], [1], [3]]))
+  solver = Anderson(tol=1e-10, max_iter=300)
+  solve_one = lambda b: solve(lambda z: jnp.tanh(a @ z + b), jnp.zeros(8), solver)
+  r, st = H.jit(jax.vmap(solve_one))(bs)
+  assert st.iterations.shape == (3,) and st.converged.shape == (3,)
+  solve_one = H.jit(solve_one)
+  for i in range(3):
+    ri, si = solve_one(bs[i])
+    assert int(st.iterations[i]) == int(si.iterations)
+    np.testing.assert_allclose(r[i], ri, rtol=1e-8, atol=1e-12)
+  assert len(set(np.asarray(st.iterations).tolist())) > 1  # stopping is per sample
+
+
+def test_solver_state_dtype_is_preserved():
+  f, _, z0, flat, unflat = PROBLEMS['tree']()
+  z32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), unflat(z0))
+  f32 = lambda z: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), f(z))
+  r, st = _solve(f32, z32, Anderson(tol=1e-5))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(r))
+  assert bool(st.converged)
+  assert solvers.SolverStats._fields == ('iterations', 'residual', 'abs_residual', 'converged')
