@@ -127,7 +127,9 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-      if self.is_mutable_collection(BATCH_MOMENTS):
+      # Not at init: moments returned by `init` would be passed back to later
+      # applies and silently stand in for the clean batch's.
+      if self.is_mutable_collection(BATCH_MOMENTS) and not self.is_initializing():
         self.put_variable(BATCH_MOMENTS, 'mean', mean)
         self.put_variable(BATCH_MOMENTS, 'var', var)
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
