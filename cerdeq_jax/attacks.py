@@ -29,7 +29,9 @@ def pgd(logits_fn: Callable, x, labels, box: Interval, key, steps: int = 10,
     restarts: number of starts.
 
   Returns:
-    ``(x_adv, broken)``: the strongest point found per sample and a bool
+    ``(x_adv, broken)``: the strongest point found per sample (the first
+    misclassified point where one was found, else the point of highest
+    cross-entropy) and a bool
     ``(N,)`` that is True where some point of the box (the clean point
     included) is misclassified.
   """
@@ -44,26 +46,35 @@ def pgd(logits_fn: Callable, x, labels, box: Interval, key, steps: int = 10,
   def wrong(logits):
     return jnp.argmax(logits, -1) != labels
 
+  def per_sample(mask, z):
+    return mask.reshape((-1,) + (1,) * (z.ndim - 1))
+
+  def keep(z, logits, best, best_loss, broken):
+    # A broken sample keeps its first misclassified iterate (a later step
+    # could undo it); the others keep the iterate of highest loss.
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    newly = wrong(logits) & ~broken
+    better = newly | (~broken & (loss > best_loss))
+    best = jnp.where(per_sample(better, z), z, best)
+    return best, jnp.where(better, loss, best_loss), broken | newly
+
   def attack(start):
     z, best, broken = start, start, jnp.zeros(labels.shape, bool)
+    best_loss = jnp.full(labels.shape, -jnp.inf)
     # A Python loop (unrolled under jit): XLA:CPU runs the transposed convs of
     # a backward pass ~15x slower inside loop bodies (docs/performance.md).
     for _ in range(steps):
       g, logits = grad_fn(z)
-      # Keep the first misclassified iterate; a later step could undo it.
-      newly = wrong(logits) & ~broken
-      best = jnp.where(newly.reshape((-1,) + (1,) * (z.ndim - 1)), z, best)
-      broken = broken | newly
+      best, best_loss, broken = keep(z, logits, best, best_loss, broken)
       z = jnp.clip(z + step_size * jnp.sign(g), box.lower, box.upper)
-    final_wrong = wrong(logits_fn(z)) & ~broken
-    best = jnp.where(final_wrong.reshape((-1,) + (1,) * (z.ndim - 1)), z, best)
-    return best, broken | final_wrong
+    return keep(z, logits_fn(z), best, best_loss, broken)
 
-  x_adv, broken = attack(x)
+  x_adv, adv_loss, broken = attack(x)
   for k in jax.random.split(key, restarts)[1:]:
     start = jax.random.uniform(k, x.shape, x.dtype, box.lower, box.upper)
-    cand, cand_broken = attack(start)
-    take = cand_broken & ~broken
-    x_adv = jnp.where(take.reshape((-1,) + (1,) * (x.ndim - 1)), cand, x_adv)
+    cand, cand_loss, cand_broken = attack(start)
+    take = (cand_broken & ~broken) | (~cand_broken & ~broken & (cand_loss > adv_loss))
+    x_adv = jnp.where(per_sample(take, x), cand, x_adv)
+    adv_loss = jnp.where(take, cand_loss, adv_loss)
     broken = broken | cand_broken
   return x_adv, broken
