@@ -54,13 +54,28 @@ def _same_conv_fwd(x, kernel):
   return conv(x, kernel), (x, kernel)
 
 
+def _same_conv_kernel_grad(x, g, kernel):
+  """``d/dK sum(conv(x, K) * g)`` as ``k*k`` contractions of shifted inputs.
+
+  Not a convolution on purpose: under ``vmap`` (the batched DEQ solves) the
+  kernel gradient becomes per-sample, i.e. a grouped convolution with one group
+  per sample, and XLA's SPMD partitioner computes that grouped convolution
+  wrongly when the batch is sharded (jax 0.10, CPU: the hidden-kernel gradient
+  of a data-parallel step was garbage). Batched contractions partition correctly.
+  """
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+  taps = [[jnp.einsum('nhwi,nhwo->io', padded[:, a:a + h, b:b + w, :], g, precision=HIGHEST)
+           for b in range(kw)] for a in range(kh)]
+  return jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+
+
 def _same_conv_bwd(res, g):
   x, kernel = res
   flipped = jnp.flip(kernel, axis=(0, 1)).swapaxes(2, 3)
   dx = conv(g, flipped)
-  _, kernel_vjp = jax.vjp(lambda k: conv(x, k), kernel)
-  (dk,) = kernel_vjp(g)
-  return dx, dk
+  return dx, _same_conv_kernel_grad(x, g, kernel)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
