@@ -104,6 +104,10 @@ def validate(config: Config) -> Config:
     raise ValueError(f"--loss must be 'fast_ibp' or 'mixed', got {config.loss!r}")
   if not math.isfinite(config.eps) or not 0 <= config.eps <= 1:
     raise ValueError(f'--eps must lie in [0, 1], got {config.eps}')
+  # An explicit --data_dir that does not exist is a mistake; the loaders would
+  # otherwise fall back to $CERDEQ_DATA_DIR or a system copy without a word.
+  if config.data_dir is not None and not os.path.exists(os.path.expanduser(config.data_dir)):
+    raise ValueError(f'--data_dir={config.data_dir!r} does not exist')
   return config
 
 
