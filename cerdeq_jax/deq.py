@@ -65,9 +65,60 @@ def interval_deq_cell(theta, z: Interval, activation: Callable = jax.nn.relu) ->
   return ibp.monotone(pre, activation)
 
 
+def channel_contraction(kernel) -> tuple[jax.Array, jax.Array]:
+  """Positive channel weights ``v (C,)`` and ``rho`` with ``S v <= rho v``.
+
+  ``S[o, i] = sum_hw |K[h, w, i, o]|``. With zero padding ``|W| v <= S v <= rho v``
+  pixel-wise (border pixels see fewer taps), so the DEQ map and its interval
+  map are contractions with constant ``rho`` in the weighted sup-norm
+  ``||z||_v = max |z_c| / v_c``. ``v`` is the Perron vector of S by power
+  iteration; ``rho`` is checked for that v (Collatz–Wielandt), so it is a
+  rigorous constant whatever the power iteration's accuracy, and close to the
+  spectral radius ``rho(S) <= ||S||_2``.
+  """
+  kernel = jnp.asarray(kernel, jnp.float32)
+  s = jnp.sum(jnp.abs(kernel.reshape((-1,) + kernel.shape[-2:])), axis=0).T  # (O, I)
+  def power(_, v):
+    v = s @ v + 1e-6  # the shift keeps v positive (and helps reducible S)
+    return v / jnp.max(v)
+  v = jax.lax.fori_loop(0, 100, power, jnp.ones(s.shape[1], s.dtype))
+  v = jnp.maximum(v, 1e-3)
+  rho = jnp.max((s @ v) / v) * _NORM_SAFETY
+  return v, rho
+
+
+def _per_sample(x, reduce):
+  return reduce(x.reshape(x.shape[0], -1), axis=1)
+
+
+def sound_widening(z: Interval, fz: Interval, kernel):
+  """Bounds that enclose the exact interval fixed point, from an approximate
+  one ``z`` and ``fz = F(z)`` (one more interval step).
+
+  For a contraction F with constant q in a norm, ``||F(z) - z*|| <= q/(1-q)
+  ||F(z) - z||``. Two rigorous per-coordinate widths, of which the smaller is
+  used: the weighted sup-norm one, ``v_c * rho/(1-rho) * max_i |r_i|/v_i``
+  (`channel_contraction`), and the 2-norm one, ``L/(1-L) * ||r||_2`` with
+  ``L = || |W| ||_2`` bound (`abs_operator_bound`); ``r = F(z) - z`` per sample
+  over both ends. Returns ``(widened fz, certifiable-contraction (N,) bool)``.
+  """
+  lipschitz = abs_operator_bound(kernel)
+  v, rho = channel_contraction(kernel)
+  res = jnp.concatenate([(fz.lower - z.lower)[..., None], (fz.upper - z.upper)[..., None]], -1)
+  shape = (-1,) + (1,) * (z.lower.ndim - 1)
+  res_v = _per_sample(jnp.abs(res) / v[:, None], jnp.max).reshape(shape)
+  res_2 = jnp.sqrt(_per_sample(jnp.square(res), jnp.sum)).reshape(shape)
+  # Select, not multiply: inf * a zero residual would be NaN.
+  width_v = jnp.where(rho < 1, rho / (1 - rho) * res_v * v, jnp.inf)
+  width_2 = jnp.where(lipschitz < 1, lipschitz / (1 - lipschitz) * res_2, jnp.inf)
+  width = jax.lax.stop_gradient(jnp.minimum(width_v, width_2))
+  contraction = jnp.broadcast_to((rho < 1) | (lipschitz < 1), (z.lower.shape[0],))
+  return Interval(fz.lower - width, fz.upper + width), contraction
+
+
 def solve_deq(kernel, injection, solver: solvers.Solver,
               adjoint_solver: solvers.Solver | None = None,
-              activation: Callable = jax.nn.relu, z0=None):
+              activation: Callable = jax.nn.relu, z0=None, sound: bool = True):
   """Fixed points of ``z = σ(W z + injection)`` for a batch.
 
   Args:
@@ -75,11 +126,15 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
     injection: ``U x + b``, ``(N, H, W, C)`` array or `Interval`.
     solver: forward solver; adjoint_solver: backward solver.
     z0: initial state (default zeros, or [0, 0] for an interval).
+    sound: for an `Interval`: take one more interval step and widen it by
+      `sound_widening`, so that it encloses the exact DEQ output for every
+      input in the box whenever ``certifiable`` (for certification). With
+      False, the computed interval fixed point as is (for training losses:
+      the widening is a certificate margin, not a training signal), and
+      ``certifiable`` is False.
 
   Returns:
-    ``(z*, DEQStats)``. For an `Interval` injection z* is the interval fixed
-    point widened by ``L/(1-L) * ||f(z_k) - z_k||_2`` per sample, so it encloses
-    the exact DEQ output for every input in the box whenever ``certifiable``.
+    ``(z*, DEQStats)``.
   """
   is_box = isinstance(injection, Interval)
   cell = interval_deq_cell if is_box else deq_cell
@@ -90,18 +145,11 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
                                                      adjoint_solver)
   z, st = jax.vmap(solve_one)(injection, z0)
   lipschitz = abs_operator_bound(kernel)
-  if is_box:
-    contraction = lipschitz < 1
-    # The widening is a certificate margin, not a training signal. Without a
-    # contraction nothing is known: widen to infinity (select, not multiply:
-    # inf * a zero residual would be NaN).
-    delta = jax.lax.stop_gradient(
-        jnp.where(contraction, lipschitz / (1 - lipschitz) * st.abs_residual, jnp.inf))
-    delta = delta.reshape((-1,) + (1,) * (z.lower.ndim - 1))
-    z = Interval(z.lower - delta, z.upper + delta)
+  certifiable = jnp.zeros_like(st.converged)
+  if is_box and sound:
+    fz = jax.vmap(lambda inj, state: fn((kernel, inj), state))(injection, z)
+    z, contraction = sound_widening(z, fz, kernel)
     certifiable = st.converged & contraction
-  else:
-    certifiable = jnp.zeros_like(st.converged)
   stats = DEQStats(st.iterations, st.residual, st.converged,
                    jnp.broadcast_to(lipschitz, st.residual.shape), certifiable)
   return z, stats

@@ -227,10 +227,14 @@ class DEQ(nn.Module):
   initialisation), ``W`` a stride-1 'SAME' ``kernel_size`` convolution
   ``features -> features`` kept contractive by ``parametrization`` (projected
   after every optimiser step by `parametrize.project_tree`; the initial value is
-  already projected). For an `Interval` input the output is the sound interval
-  fixed point (see `deq.solve_deq`); with ``strict=True`` samples whose bounds
-  are not certifiable (solve not converged or L >= 1) get infinite bounds, so
-  no later layer can certify them.
+  already projected).
+
+  For an `Interval` input, ``strict=True`` (the default, for certification)
+  returns *sound* bounds: the interval fixed point widened so that it encloses
+  the exact DEQ output for every input in the box (`deq.sound_widening`), and
+  infinite bounds for samples that are not certifiable (solve not converged,
+  or no contraction), so no later layer can certify them. ``strict=False``
+  (for training losses) returns the computed interval fixed point as is.
 
   Sown: ``'deq_stats'`` / ``'nominal'`` or ``'interval'``: a `deq.DEQStats`; for intervals, the
   pre-activation bounds at the fixed point to ``'preactivations'``.
@@ -246,7 +250,7 @@ class DEQ(nn.Module):
   injection_init: Initializer = parametrize.cerdeq_injection_init()
 
   @nn.compact
-  def __call__(self, x, strict: bool = False):
+  def __call__(self, x, strict: bool = True):
     inject = Conv(self.features, self.injection_kernel_size, self.injection_strides,
                   kernel_init=self.injection_init, name='injection')
     injection = inject(x)
@@ -264,14 +268,14 @@ class DEQ(nn.Module):
       self.variable(SPECTRAL, HIDDEN_KERNEL, parametrize.initial_spectral_vector,
                     self.make_rng('params') if self.is_initializing() else None, kernel)
     z, stats = deq.solve_deq(kernel, injection, self.solver, self.adjoint_solver,
-                             self.activation)
+                             self.activation, sound=strict)
     self.sow('deq_stats', 'interval' if _is_box(z) else 'nominal', stats)
-    if _is_box(z):
+    if _is_box(z) and self.is_mutable_collection('preactivations'):
       pre = ibp.linear_map(z, lambda c: ops.same_conv(c, kernel),
                            lambda r: ops.same_conv(r, jnp.abs(kernel)))
       self.sow('preactivations', 'bounds',
                Interval(pre.lower + injection.lower, pre.upper + injection.upper))
-      if strict:
-        ok = stats.certifiable.reshape((-1,) + (1,) * (z.lower.ndim - 1))
-        z = Interval(jnp.where(ok, z.lower, -jnp.inf), jnp.where(ok, z.upper, jnp.inf))
+    if _is_box(z) and strict:
+      ok = stats.certifiable.reshape((-1,) + (1,) * (z.lower.ndim - 1))
+      z = Interval(jnp.where(ok, z.lower, -jnp.inf), jnp.where(ok, z.upper, jnp.inf))
     return z

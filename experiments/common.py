@@ -46,6 +46,7 @@ class Config:
   width: int | None = None
   depth: int = 7
   dense: int = 512
+  batch_norm: bool = True
   deq_scale: float = 0.95
   solver: str = 'anderson'
   tol: float = 1e-4
@@ -143,6 +144,7 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_integer('width', d.width, 'Base width (model-specific default if unset).')
   flags.DEFINE_integer('depth', d.depth, 'Depth of --model=cnn_depth.')
   flags.DEFINE_integer('dense', d.dense, 'Width of the hidden dense layer.')
+  flags.DEFINE_bool('batch_norm', d.batch_norm, 'BatchNorm after each layer (DEQ/CNN models).')
   flags.DEFINE_float('lr', d.lr, 'Adam learning rate.')
   flags.DEFINE_list('milestones', [str(m) for m in d.milestones], 'Epochs where lr x0.2.')
   flags.DEFINE_float('eps_start_epochs', d.eps_start_epochs, 'Epochs at ε = 0.')
@@ -178,7 +180,8 @@ def config_from_flags(defaults: Config) -> Config:
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, resume=FLAGS.resume,
       eval_only=FLAGS.eval_only, train_examples=FLAGS.train_examples,
       test_examples=FLAGS.test_examples, eval_examples_per_epoch=FLAGS.eval_examples_per_epoch,
-      width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, lr=FLAGS.lr,
+      width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, batch_norm=FLAGS.batch_norm,
+      lr=FLAGS.lr,
       milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
       eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, reg_lambda=FLAGS.reg_lambda,
       deq_scale=FLAGS.deq_scale, solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,

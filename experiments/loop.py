@@ -32,7 +32,8 @@ def build_model(config: Config, dataset: data.Dataset):
       config.model, dataset.num_classes, image_size=image_size, width=config.width,
       depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
       solver=solver_cls(tol=config.tol, max_iter=config.max_iter),
-      deq_stride=2 if config.dataset == 'fashion_mnist' else None)
+      deq_stride=2 if config.dataset == 'fashion_mnist' else None,
+      batch_norm=config.batch_norm)
 
 
 def parametrization_of(model) -> parametrize.Parametrization | None:

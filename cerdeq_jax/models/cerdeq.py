@@ -7,7 +7,8 @@ classifier). Putting the DEQ first lets it play the role of the explicit
 network's early layers, where IBP's bound growth starts; the tail is kept
 identical to CNN-7 so that the DEQ-vs-CNN comparison changes one thing. The
 same layout with ``parametrization.method`` 'wn' or 'sn' gives the DEQ+WN and
-DEQ+SN ablations.
+DEQ+SN ablations. ``batch_norm=False`` drops every BatchNorm (classic IBP
+networks, whose bounds are far tighter at initialisation).
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ class CerDEQ(nn.Module):
   parametrization: parametrize.Parametrization = parametrize.Parametrization('bjorck')
   solver: solvers.Solver = solvers.Anderson(tol=1e-4, max_iter=50)
   adjoint_solver: solvers.Solver | None = None
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False, labels=None):
     x = layers.DEQ(self.width, injection_strides=self.injection_strides,
                    parametrization=self.parametrization, solver=self.solver,
                    adjoint_solver=self.adjoint_solver, name='deq')(x, strict=not train)
-    x = layers.BatchNorm(use_running_average=not train)(x)
+    if self.batch_norm:
+      x = layers.BatchNorm(use_running_average=not train)(x)
     for c, s in zip(self.tail_channels, self.tail_strides):
-      x = ConvBNReLU(c, strides=(s, s))(x, train)
-    return DenseHead(self.num_classes, self.hidden)(x, train, labels)
+      x = ConvBNReLU(c, strides=(s, s), batch_norm=self.batch_norm)(x, train)
+    return DenseHead(self.num_classes, self.hidden, self.batch_norm)(x, train, labels)

@@ -18,25 +18,28 @@ class CNN(nn.Module):
   channels: Sequence[int] = (64, 64, 128, 128, 128)
   strides: Sequence[int] = (1, 1, 2, 1, 1)
   hidden: Sequence[int] = (512,)
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False, labels=None):
     if len(self.channels) != len(self.strides):
       raise ValueError('CNN: channels and strides differ in length.')
     for c, s in zip(self.channels, self.strides):
-      x = ConvBNReLU(c, strides=(s, s))(x, train)
-    return DenseHead(self.num_classes, self.hidden)(x, train, labels)
+      x = ConvBNReLU(c, strides=(s, s), batch_norm=self.batch_norm)(x, train)
+    return DenseHead(self.num_classes, self.hidden, self.batch_norm)(x, train, labels)
 
 
-def cnn7(num_classes: int, width: int = 64, dense: int = 512, extra_downsample: bool = False):
+def cnn7(num_classes: int, width: int = 64, dense: int = 512, extra_downsample: bool = False,
+         batch_norm: bool = True):
   """CNN-7 with BN; ``width`` scales the channels (64 in the paper);
   ``extra_downsample`` adds the second stride-2 conv used for 64x64 inputs."""
   channels = (width, width, 2 * width, 2 * width, 2 * width)
   strides = (1, 1, 2, 2 if extra_downsample else 1, 1)
-  return CNN(num_classes, channels, strides, (dense,))
+  return CNN(num_classes, channels, strides, (dense,), batch_norm)
 
 
-def cnn_depth(num_classes: int, depth: int, width: int = 64, dense: int = 512):
+def cnn_depth(num_classes: int, depth: int, width: int = 64, dense: int = 512,
+              batch_norm: bool = True):
   """CNN-BN with ``depth`` conv layers (the paper's depth figure): the first
   third of the layers at ``width`` channels, one stride-2 layer, the rest at
   ``2 * width``; depth >= 2."""
@@ -45,4 +48,4 @@ def cnn_depth(num_classes: int, depth: int, width: int = 64, dense: int = 512):
   first = max(1, depth // 3)
   channels = tuple([width] * first + [2 * width] * (depth - first))
   strides = tuple([1] * first + [2] + [1] * (depth - first - 1))
-  return CNN(num_classes, channels, strides, (dense,))
+  return CNN(num_classes, channels, strides, (dense,), batch_norm)
