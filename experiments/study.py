@@ -27,9 +27,9 @@ flags.DEFINE_list('extra', [], 'Extra flags passed to every run, e.g. --epochs=6
 FLAGS = flags.FLAGS
 
 #: One budget for every model: same data, schedule shape, optimiser, evaluation.
-BUDGET = ['--eps=0.1', '--epochs=6', '--train_examples=20000', '--batch_size=128',
-          '--eps_start_epochs=1', '--eps_length_epochs=3', '--milestones=5',
-          '--eval_examples_per_epoch=500', '--pgd_steps=10', '--progress=false']
+BUDGET = ['--eps=0.1', '--epochs=5', '--train_examples=10000', '--batch_size=128',
+          '--eps_start_epochs=1', '--eps_length_epochs=3', '--milestones=4', '--width=16',
+          '--dense=128', '--eval_examples_per_epoch=200', '--pgd_steps=5', '--progress=false']
 MAIN_MODELS = ('cerdeq', 'deq_sn', 'deq_wn', 'cnn7')
 
 
