@@ -1,0 +1,357 @@
+"""End to end: ``python -m experiments.fashion_mnist`` on tiny IDX files.
+
+The module fixture ``runs`` trains run A uninterrupted (2 epochs of 8 steps,
+a checkpoint every 2 steps), then, while side runs on copies of A's workdir
+check the refusals and --eval_only, runs B with the same flags through a
+SIGKILL, a resume stopped by SIGTERM, and a final resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import helpers_training as h
+
+FLAGS = ['--epochs=2', '--batch_size=32', '--width=4', '--dense=16', '--pgd_steps=2',
+         '--progress=false', '--checkpoint_every_steps=2']
+STEPS = 16           # 256 examples / 32 = 8 steps per epoch, 2 epochs
+TIMEOUT = 400
+
+
+# --- running the CLI -------------------------------------------------------------
+
+def start(args, env) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-m', 'experiments.fashion_mnist'] + list(args),
+                          cwd=h.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> dict:
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(f'timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}')
+  return {'rc': proc.returncode, 'out': out, 'err': err}
+
+
+def describe(result: dict) -> str:
+  return f"rc={result['rc']}\nstdout:\n{result['out'][-3000:]}\nstderr:\n{result['err'][-5000:]}"
+
+
+def must_succeed(result: dict) -> dict:
+  assert result['rc'] == 0, describe(result)
+  assert 'Traceback' not in result['err'], describe(result)
+  return result
+
+
+def step_dirs(workdir) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def wait_for_step(proc: subprocess.Popen, workdir, minimum: int, timeout: float = TIMEOUT) -> int:
+  """Polls until a finished checkpoint folder >= ``minimum`` exists; returns it."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [s for s in step_dirs(workdir) if s >= minimum]
+    if steps:
+      return steps[0]
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      pytest.fail(f'run ended (rc={proc.returncode}) before checkpoint step {minimum}:\n'
+                  f'{out[-3000:]}\n{err[-3000:]}')
+    time.sleep(0.02)
+  proc.kill()
+  pytest.fail(f'no checkpoint step >= {minimum} after {timeout}s')
+
+
+def restore_arrays(workdir, step: int) -> dict:
+  """The saved TrainState of ``step`` as flat numpy arrays (no template)."""
+  import flax
+  import orbax.checkpoint as ocp
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  tree = ocp.StandardCheckpointer().restore(path)
+  return {'/'.join(map(str, k)): np.asarray(v)
+          for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_results(workdir) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+ERRORS = ('standard_error', 'pgd_error', 'certified_error')
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return h.write_fashion_mnist(str(tmp_path_factory.mktemp('fashion_mnist')))
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  return h.subprocess_env(str(tmp_path_factory.mktemp('compilation_cache')))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, data_dir, env):
+  tmp = tmp_path_factory.mktemp('runs')
+  base = FLAGS + [f'--data_dir={data_dir}']
+  rec = {'tmp': tmp}
+
+  # A: uninterrupted.
+  a = str(tmp / 'A')
+  rec['A'] = must_succeed(finish(start(base + [f'--workdir={a}'], env)))
+  rec['A_dir'] = a
+  rec['A_results'] = read_results(a)
+
+  # Side runs on copies of A, concurrently with B.
+  side = {}
+  for name in ('other_eps', 'no_resume', 'eval_only'):
+    shutil.copytree(a, str(tmp / name))
+  side['other_eps'] = start(base + [f'--workdir={tmp / "other_eps"}', '--resume', '--eps=0.2'],
+                            env)
+  side['no_resume'] = start(base + [f'--workdir={tmp / "no_resume"}'], env)
+  side['eval_only'] = start(base + [f'--workdir={tmp / "eval_only"}', '--eval_only'], env)
+
+  # B1: SIGKILL once a checkpoint beyond the first one exists (mid-epoch 1).
+  b = str(tmp / 'B')
+  rec['B_dir'] = b
+  proc = start(base + [f'--workdir={b}'], env)
+  rec['B1_seen'] = wait_for_step(proc, b, 4)
+  proc.send_signal(signal.SIGKILL)
+  rec['B1'] = finish(proc)
+  rec['B1_steps'] = step_dirs(b)
+  rec['B1_metrics_exists'] = os.path.exists(os.path.join(b, 'metrics.jsonl'))
+  rec['B1_results_exists'] = os.path.exists(os.path.join(b, 'results.json'))
+
+  # B2: resume, SIGTERM once it has saved a checkpoint of its own.
+  resumed_from = max(rec['B1_steps'])
+  proc = start(base + [f'--workdir={b}', '--resume'], env)
+  rec['B2_seen'] = wait_for_step(proc, b, resumed_from + 1)
+  proc.send_signal(signal.SIGTERM)
+  rec['B2'] = finish(proc)
+  rec['B2_from'] = resumed_from
+  rec['B2_steps'] = step_dirs(b)
+  rec['B2_results_exists'] = os.path.exists(os.path.join(b, 'results.json'))
+
+  # B3: resume to the end.
+  rec['B3'] = finish(start(base + [f'--workdir={b}', '--resume'], env))
+
+  for name, proc in side.items():
+    rec[name] = finish(proc)
+  rec['side_dirs'] = {name: str(tmp / name) for name in side}
+  print(f"B1 killed after step {rec['B1_seen']} (checkpoints {rec['B1_steps']}); B2 resumed "
+        f"from {rec['B2_from']}, SIGTERM after step {rec['B2_seen']} (checkpoints "
+        f"{rec['B2_steps']})")
+  return rec
+
+
+# --- bad flags: one line, no traceback, before any work ------------------------------
+
+def _one_error_line(result: dict) -> str:
+  assert result['rc'] != 0, describe(result)
+  assert 'Traceback' not in result['err'] + result['out'], describe(result)
+  lines = [l for l in result['err'].splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: '), describe(result)
+  return lines[0]
+
+
+
+# Runs the module with `jax` made unimportable: a flag error must be reported
+# before anything heavy is imported (let alone trained).
+_NO_JAX = ("import sys, runpy; sys.modules['jax'] = None; "
+           "runpy.run_module('experiments.fashion_mnist', run_name='__main__', alter_sys=True)")
+
+
+def _bad_flag_cases(tmp, data_dir):
+  blocker = tmp / 'a_file'
+  blocker.write_text('not a folder')
+  work = str(tmp / 'work')
+  ok = [f'--data_dir={data_dir}', f'--workdir={work}']
+  cases = {
+      'eps_text': (['--eps=abc'] + ok, "'abc'"),
+      'eps_negative': (['--eps=-1'] + ok, '[0, 1]'),
+      'eps_too_big': (['--eps=2'] + ok, '[0, 1]'),
+      'eps_zero_division': (['--eps=1/0'] + ok, '1/0'),
+      'eps_nan': (['--eps=nan'] + ok, 'nan'),
+      'model': (['--model=nope'] + ok, 'nope'),
+      'batch_size': (['--batch_size=0'] + ok, 'batch_size'),
+      'workdir_unwritable': ([f'--data_dir={data_dir}', f'--workdir={blocker}/sub'],
+                             'cannot be written'),
+      'workdir_missing': ([f'--data_dir={data_dir}'], '--workdir'),
+      'data_dir_missing': ([f'--data_dir={tmp}/no_such_dir', f'--workdir={work}'], 'no_such_dir'),
+      'extra_argument': (ok + ['stray'], 'stray'),
+  }
+  assert sorted(cases) == sorted(BAD_FLAG_CASES)
+  return cases
+
+
+BAD_FLAG_CASES = ('eps_text', 'eps_negative', 'eps_too_big', 'eps_zero_division', 'eps_nan',
+                  'model', 'batch_size', 'workdir_unwritable', 'workdir_missing',
+                  'data_dir_missing', 'extra_argument')
+
+
+@pytest.mark.parametrize('case', BAD_FLAG_CASES)
+def test_bad_flags_fail_fast_with_one_line(tmp_path, data_dir, env, case):
+  args, fragment = _bad_flag_cases(tmp_path, data_dir)[case]
+  t0 = time.time()
+  result = subprocess.run([sys.executable, '-c', _NO_JAX] + args, cwd=h.REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  elapsed = time.time() - t0
+  line = _one_error_line({'rc': result.returncode, 'out': result.stdout, 'err': result.stderr})
+  assert fragment in line, line
+  # Nothing was started: no checkpoints, no metrics, and quickly.
+  assert not os.path.exists(tmp_path / 'work' / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'work' / 'metrics.jsonl')
+  assert elapsed < 60
+
+
+def test_unknown_flag_is_absl_one_liner(tmp_path, data_dir, env):
+  result = subprocess.run(
+      [sys.executable, '-c', _NO_JAX, '--no_such_flag=1', f'--data_dir={data_dir}',
+       f'--workdir={tmp_path / "work"}'], cwd=h.REPO, env=env, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr + result.stdout
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert lines and lines[0].startswith('FATAL Flags parsing error'), result.stderr
+  assert 'no_such_flag' in lines[0]
+  assert not os.path.exists(tmp_path / 'work')
+
+
+# --- a full run ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_run_writes_metrics_results_and_plots(runs):
+  a = runs['A_dir']
+  records = read_metrics(a)
+  assert [r['epoch'] for r in records] == [0, 1]
+  assert [r['step'] for r in records] == [8, 16]
+  for r in records:
+    for key in ('eps', 'lr', 'time_s', 'train_loss', 'train_accuracy', 'test_examples',
+                'test_standard_error', 'test_pgd_error', 'test_certified_error',
+                'test_certified_but_broken'):
+      assert key in r, (key, sorted(r))
+    assert r['test_certified_error'] >= r['test_pgd_error'] >= r['test_standard_error']
+    assert r['test_certified_but_broken'] == 0
+  # Epoch 1 is on the ε ramp (certified steps), epoch 0 is not.
+  assert records[0]['eps'] == 0 and records[1]['eps'] > 0
+  assert 'train_robust_loss' in records[1] and 'train_robust_loss' not in records[0]
+
+  res = runs['A_results']
+  for key in ERRORS:
+    assert 0 <= res[key] <= 100
+  assert res['certified_error'] >= res['pgd_error'] >= res['standard_error']
+  assert res['certified_but_broken'] == 0
+  assert res['examples'] == 64 and res['steps'] == STEPS and res['eps'] == pytest.approx(0.1)
+  assert res['model'] == 'cerdeq' and res['config']['width'] == 4
+  # CerDEQ's hidden kernel is Björck-orthogonal (equal singular values), scaled.
+  sv = np.asarray(res['hidden_singular_values'])
+  assert sv.shape == (4,) and np.allclose(sv, sv[0], rtol=1e-2)
+  assert 'certified error' in runs['A']['out']
+  for name in ('training_curves.png', 'errors_per_epoch.png'):
+    path = os.path.join(a, name)
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
+    assert os.path.getsize(path) > 5000
+  # The final checkpoint is kept.
+  assert STEPS in step_dirs(a)
+
+
+# --- interruption and resumption -------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_leaves_a_resumable_run(runs):
+  assert runs['B1']['rc'] == -signal.SIGKILL, describe(runs['B1'])
+  assert runs['B1_seen'] >= 4
+  # Killed inside epoch 1: no epoch finished, nothing final written.
+  assert not runs['B1_metrics_exists'] and not runs['B1_results_exists']
+  assert max(runs['B1_steps']) < 8
+  assert all(s % 2 == 0 for s in runs['B1_steps'])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_a_checkpoint(runs):
+  b2 = runs['B2']
+  must_succeed(b2)
+  assert f"starting at step {runs['B2_from']}" in b2['out'], b2['out']
+  stopped = [l for l in b2['out'].splitlines() if l.startswith('stopped at step ')]
+  assert len(stopped) == 1, b2['out']
+  step = int(stopped[0].split()[3].rstrip(';'))
+  assert runs['B2_from'] < step < STEPS
+  assert step in runs['B2_steps']
+  assert not runs['B2_results_exists']
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted(runs):
+  b3 = must_succeed(runs['B3'])
+  stopped_at = max(runs['B2_steps'])
+  assert f'starting at step {stopped_at}' in b3['out'], b3['out']
+  a, b = runs['A_dir'], runs['B_dir']
+  final_a, final_b = restore_arrays(a, STEPS), restore_arrays(b, STEPS)
+  assert sorted(final_a) == sorted(final_b) and len(final_a) > 20
+  assert int(final_a['step']) == int(final_b['step']) == STEPS
+  for key in final_a:
+    np.testing.assert_allclose(final_b[key], final_a[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  # Same evaluation at every epoch end and at the end.
+  ra, rb = read_results(a), read_results(b)
+  for key in ERRORS + ('certified_but_broken', 'examples', 'steps'):
+    assert rb[key] == ra[key], key
+  ma, mb = read_metrics(a), read_metrics(b)
+  assert [r['epoch'] for r in mb] == [0, 1]
+  for x, y in zip(ma, mb):
+    for key in x:
+      if key.startswith('test_') or key in ('epoch', 'step', 'eps', 'lr'):
+        assert y[key] == pytest.approx(x[key], rel=1e-6), key
+
+
+# --- refusals and --eval_only -------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_with_other_eps_is_refused(runs):
+  line = _one_error_line(runs['other_eps'])
+  assert 'eps' in line and '0.1' in line and '0.2' in line, line
+  # The checkpoints are untouched.
+  assert step_dirs(runs['side_dirs']['other_eps']) == step_dirs(runs['A_dir'])
+
+
+@pytest.mark.slow
+def test_start_without_resume_over_checkpoints_is_refused(runs):
+  line = _one_error_line(runs['no_resume'])
+  assert '--resume' in line, line
+  workdir = runs['side_dirs']['no_resume']
+  assert step_dirs(workdir) == step_dirs(runs['A_dir'])
+  assert read_metrics(workdir) == read_metrics(runs['A_dir'])
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_results(runs):
+  must_succeed(runs['eval_only'])
+  workdir = runs['side_dirs']['eval_only']
+  again, original = read_results(workdir), runs['A_results']
+  for key in ERRORS + ('certified_but_broken', 'examples', 'steps'):
+    assert again[key] == original[key], key
+  # No training happened: the checkpoints and metrics are those of A.
+  assert step_dirs(workdir) == step_dirs(runs['A_dir'])
+  assert read_metrics(workdir) == read_metrics(runs['A_dir'])
