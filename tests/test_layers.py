@@ -452,7 +452,7 @@ def test_deq_strict_gives_infinite_bounds_when_not_certifiable():
   assert not np.any(np.asarray(stats.certifiable))
   assert np.all(np.asarray(stats.lipschitz) < 1)
   assert np.all(np.asarray(strict.lower) == -np.inf) and np.all(np.asarray(strict.upper) == np.inf)
-  # Not strict: finite (widened) bounds, since L < 1.
+  # Not strict (training losses): the computed interval iterate as is, finite.
   assert np.all(np.isfinite(np.asarray(relaxed.lower)))
   assert np.all(np.isfinite(np.asarray(relaxed.upper)))
 
