@@ -227,8 +227,11 @@ def worker(spec: dict) -> None:
   ``spec['out']``: ``params/...``, ``batch_stats/...``, ``spectral/...``
   (final), ``init_*/...``, ``snap_*/...`` (after ``spec['snapshot']`` steps),
   ``eps`` (metrics['eps'] per step, 0 on natural steps), ``spectral_trace``
-  (the flattened SN vectors after every step), and with ``spec['evaluate']``
-  the eval sums on a test set plus the strong-PGD check."""
+  (the flattened SN vectors after every step), and with ``spec['evaluate']``,
+  for each radius ``r`` of ``spec['eval_eps']`` on a 64-example test set:
+  ``eval{r}/...`` (summed `eval_step` outputs), ``certified_mask{r}`` (the
+  certification test redone per sample), ``strong_pgd_broken{r}`` (`_strong_pgd`),
+  and ``clean_correct``."""
   import time
   t0 = time.time()
   log = lambda *a: print(f'[{time.time() - t0:6.1f}s wall {time.process_time():6.1f}s cpu]', *a,
