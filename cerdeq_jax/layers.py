@@ -97,7 +97,7 @@ class BatchNorm(nn.Module):
   `cerdeq_jax.models` do this). In evaluation both use the running averages.
   Under ``jit`` with a sharded batch the moments are over the global batch.
   """
-  use_running_average: bool = False
+  use_running_average: bool | None = None
   momentum: float = 0.9
   epsilon: float = 1e-5
 
