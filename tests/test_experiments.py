@@ -125,13 +125,20 @@ def runs(tmp_path_factory, data_dir, env):
   rec['A_results'] = read_results(a)
 
   # Side runs on copies of A, concurrently with B.
-  side = {}
+  # Each gets its own copy of the compilation cache: JAX writes cache entries
+  # non-atomically, and a concurrent reader of a half-written one would print
+  # a warning (the refusals must print exactly one line).
+  side, side_env = {}, {}
   for name in ('other_eps', 'no_resume', 'eval_only'):
     shutil.copytree(a, str(tmp / name))
+    cache = str(tmp / f'cache_{name}')
+    shutil.copytree(env['JAX_COMPILATION_CACHE_DIR'], cache)
+    side_env[name] = {**env, 'JAX_COMPILATION_CACHE_DIR': cache}
   side['other_eps'] = start(base + [f'--workdir={tmp / "other_eps"}', '--resume', '--eps=0.2'],
-                            env)
-  side['no_resume'] = start(base + [f'--workdir={tmp / "no_resume"}'], env)
-  side['eval_only'] = start(base + [f'--workdir={tmp / "eval_only"}', '--eval_only'], env)
+                            side_env['other_eps'])
+  side['no_resume'] = start(base + [f'--workdir={tmp / "no_resume"}'], side_env['no_resume'])
+  side['eval_only'] = start(base + [f'--workdir={tmp / "eval_only"}', '--eval_only'],
+                            side_env['eval_only'])
 
   # B1: SIGKILL once a checkpoint beyond the first one exists (mid-epoch 1).
   b = str(tmp / 'B')
