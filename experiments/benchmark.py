@@ -1,0 +1,192 @@
+"""Benchmarks (not tests): ``python -m experiments.benchmark --suite=core|train|data|all``.
+
+Every figure is a ratio of two timings taken in the same run on the same
+machine; absolute times hold only for that machine. Results are printed and
+written as JSON to ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'all'], 'Which benchmarks.')
+flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results.')
+flags.DEFINE_integer('repeats', 5, 'Timed repetitions (the median is reported).')
+flags.DEFINE_integer('batch_size', 128, 'Batch size of the train-step benchmark.')
+FLAGS = flags.FLAGS
+
+
+def _timeit(fn, *args, repeats: int) -> float:
+  """Median wall time of ``fn(*args)`` after one warm-up (compilation) call."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return sorted(times)[len(times) // 2]
+
+
+def core(repeats: int) -> dict:
+  """DEQ solver costs on one conv DEQ (C=32, 14x14, batch 128: the
+  Fashion-MNIST CerDEQ's size class)."""
+  import jax
+  import jax.numpy as jnp
+  from cerdeq_jax import Interval, deq, implicit, ops, parametrize, solvers
+
+  key = jax.random.PRNGKey(0)
+  c, hw, n = 32, 14, 128
+  kernel = parametrize.project_bjorck(jax.random.normal(key, (3, 3, c, c)), 0.9)
+  injection = jax.random.normal(jax.random.PRNGKey(1), (n, hw, hw, c))
+  box = Interval(injection - 0.1, injection + 0.1)
+  res = {'shape': f'batch {n}, {hw}x{hw}, {c} channels, 3x3 hidden conv'}
+
+  def fixed(iters):  # exactly `iters` iterations
+    return solvers.Picard(tol=0.0, max_iter=iters)
+
+  def per_iteration(make_fn, *args):
+    """Seconds per iteration from the slope between 10 and 40 iterations.
+    Arrays are arguments, not closed-over constants, so XLA cannot fold them."""
+    t10 = _timeit(jax.jit(make_fn(10)), *args, repeats=repeats)
+    t40 = _timeit(jax.jit(make_fn(40)), *args, repeats=repeats)
+    return (t40 - t10) / 30
+
+  nominal = per_iteration(lambda k: lambda w, inj: deq.solve_deq(w, inj, fixed(k))[0],
+                          kernel, injection)
+  interval = per_iteration(
+      lambda k: lambda w, b: deq.solve_deq(w, b, fixed(k), sound=False)[0].upper, kernel, box)
+  res['interval_over_nominal_iteration'] = interval / nominal
+
+  # Backward (adjoint) iteration g <- J^T g + g_bar, as in implicit.fixed_point.
+  z, _ = jax.jit(lambda w, inj: deq.solve_deq(w, inj, solvers.Anderson(tol=1e-5)))(
+      kernel, injection)
+
+  def adjoint_loop(cell_conv):
+    def make(k):
+      def run(w, inj, z):
+        _, vjp = jax.vjp(lambda state: jax.nn.relu(cell_conv(state, w) + inj), z)
+        g_bar = jnp.ones_like(z)
+        return solvers.solve(lambda g: vjp(g)[0] + g_bar, g_bar, fixed(k))[0]
+      return run
+    return make
+
+  backward = per_iteration(adjoint_loop(ops.same_conv), kernel, injection, z)
+  backward_default_vjp = per_iteration(adjoint_loop(ops.conv), kernel, injection, z)
+  forward_batched = per_iteration(lambda k: lambda w, inj, z: solvers.solve(
+      lambda s: jax.nn.relu(ops.same_conv(s, w) + inj), jnp.zeros_like(z), fixed(k))[0],
+      kernel, injection, z)
+  res['backward_over_forward_iteration'] = backward / forward_batched
+  res['backward_default_conv_vjp_over_forward_iteration'] = backward_default_vjp / forward_batched
+
+  # Peak memory of a gradient through the DEQ: implicit vs max_iter.
+  def grad_memory(iters):
+    loss = lambda k, x: jnp.sum(deq.solve_deq(k, x, fixed(iters))[0] ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(kernel, injection).compile()
+    m = compiled.memory_analysis()
+    return m.temp_size_in_bytes + m.output_size_in_bytes + m.argument_size_in_bytes
+
+  res['gradient_memory_60_over_15_iterations'] = grad_memory(60) / grad_memory(15)
+  res['gradient_memory_bytes_15_iterations'] = grad_memory(15)
+
+  # Iterations to tol 1e-4: on the Björck layer above ('bjorck', where the
+  # nominal map contracts far faster than L says: ||W||_2 << || |W| ||_2) and on
+  # a non-negative kernel with || W ||_2 = || |W| ||_2 = 0.95 ('slow').
+  slow = parametrize.rescale_to_bound(jnp.abs(jax.random.normal(key, (3, 3, c, c))), 0.95)
+  its = {}
+  for layer, w in (('bjorck', kernel), ('slow', slow)):
+    for name, solver in (('picard', solvers.Picard(tol=1e-4, max_iter=500)),
+                         ('anderson', solvers.Anderson(tol=1e-4, max_iter=500))):
+      for kind, inj in (('nominal', injection), ('interval', box)):
+        st = jax.jit(lambda w, i: deq.solve_deq(w, i, solver)[1])(w, inj)
+        its[f'{layer}_{name}_{kind}'] = float(jnp.mean(st.iterations))
+        its[f'{layer}_{name}_{kind}_converged'] = float(jnp.mean(st.converged))
+  res['iterations_to_1e-4'] = its
+  for layer in ('bjorck', 'slow'):
+    for kind in ('nominal', 'interval'):
+      res[f'anderson_over_picard_iterations_{layer}_{kind}'] = (
+          its[f'{layer}_anderson_{kind}'] / its[f'{layer}_picard_{kind}'])
+  return res
+
+
+def train(repeats: int, batch_size: int) -> dict:
+  """Images/s of the certified and the natural train step (CNN-7 and CerDEQ,
+  CIFAR-10 sized input)."""
+  import jax
+  import numpy as np
+  import optax
+  from cerdeq_jax import models, solvers, training
+
+  res = {}
+  x = np.random.RandomState(0).randn(batch_size, 32, 32, 3).astype(np.float32)
+  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
+  for name in ('cnn7', 'cerdeq'):
+    model = models.create(name, 10, solver=solvers.Anderson(tol=1e-3, max_iter=30))
+    cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
+                                     steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
+                                     parametrization=getattr(model, 'parametrization', None))
+    tx = optax.adam(5e-4)
+    mesh = training.make_mesh()
+    steps = training.Steps(model, tx, cfg, mesh)
+    state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
+                                                         x[:1], cfg.parametrization))
+    out = {}
+    for certified in (False, True):
+      step_fn = steps._train[certified]  # pylint: disable=protected-access
+      gb = training.global_batch(mesh, batch)
+      holder = [state]
+
+      def run():
+        holder[0], m = step_fn(holder[0], gb)
+        return m
+      t = _timeit(run, repeats=repeats)
+      out['certified' if certified else 'natural'] = {'seconds_per_step': t,
+                                                      'images_per_s': batch_size / t}
+      state = holder[0]
+    out['certified_over_natural_time'] = (out['certified']['seconds_per_step']
+                                          / out['natural']['seconds_per_step'])
+    res[name] = out
+  return res
+
+
+def data_feed(repeats: int, batch_size: int) -> dict:
+  """Host input pipeline throughput (augment + normalise + batch), CIFAR-sized."""
+  import numpy as np
+  from cerdeq_jax import data
+  rng = np.random.RandomState(0)
+  ds = data.Dataset(rng.randint(0, 256, (10 * batch_size, 32, 32, 3), dtype=np.uint8),
+                    rng.randint(0, 10, 10 * batch_size).astype(np.int32), 10,
+                    (0.5,) * 3, (0.25,) * 3, 'synthetic')
+  times = []
+  for r in range(repeats):
+    t = time.perf_counter()
+    for _ in data.epoch_batches(ds, batch_size, 0, r, augment_pad=2, flip=True):
+      pass
+    times.append(time.perf_counter() - t)
+  t = sorted(times)[len(times) // 2]
+  return {'images_per_s': ds.num_examples / t}
+
+
+def main(argv):
+  del argv
+  import jax
+  results = {'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
+                        f'{jax.device_count()} device(s), jax {jax.__version__}',
+             'command': f'python -m experiments.benchmark --suite={FLAGS.suite}'}
+  if FLAGS.suite in ('core', 'all'):
+    results['core'] = core(FLAGS.repeats)
+  if FLAGS.suite in ('train', 'all'):
+    results['train'] = train(max(2, FLAGS.repeats // 2), FLAGS.batch_size)
+  if FLAGS.suite in ('data', 'all'):
+    results['data'] = data_feed(FLAGS.repeats, FLAGS.batch_size)
+  print(json.dumps(results, indent=1))
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
