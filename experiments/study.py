@@ -43,6 +43,18 @@ def runs() -> dict[str, list[str]]:
   return plan
 
 
+def _running_elsewhere(workdir: str) -> bool:
+  """Whether another live study process holds ``workdir`` (so several study
+  processes can share the plan, e.g. one per core)."""
+  try:
+    with open(os.path.join(workdir, '.running')) as f:
+      pid = int(f.read())
+    os.kill(pid, 0)
+  except (OSError, ValueError):
+    return False
+  return pid != os.getpid()
+
+
 def main(argv):
   del argv
   os.makedirs(FLAGS.results_dir, exist_ok=True)
@@ -52,6 +64,12 @@ def main(argv):
     workdir = os.path.join(FLAGS.workdir, name)
     done = os.path.join(workdir, 'results.json')
     if not os.path.exists(done):
+      if _running_elsewhere(workdir):
+        print(f'run {name} is running in another process; skipping', flush=True)
+        continue
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, '.running'), 'w') as f:
+        f.write(str(os.getpid()))
       resume = ['--resume'] if os.path.isdir(os.path.join(workdir, 'checkpoints')) else []
       cmd = [sys.executable, '-m', 'experiments.fashion_mnist', f'--workdir={workdir}',
              *BUDGET, *args, *FLAGS.extra, *resume]
