@@ -88,7 +88,8 @@ class TrainState(flax.struct.PyTreeNode):
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key, sample_x,
                parametrization: parametrize.Parametrization | None = None) -> TrainState:
   """Initialises parameters on ``sample_x`` (one batch, NHWC)."""
-  variables = model.init({'params': key}, sample_x, train=False)
+  # jit: an op-by-op init of a DEQ model costs seconds of dispatch on CPU.
+  variables = jax.jit(lambda k, x: model.init({'params': k}, x, train=False))(key, sample_x)
   params = variables['params']
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get('batch_stats', {}),
                     variables.get(SPECTRAL, {}), tx.init(params))
