@@ -262,7 +262,7 @@ def _bn_hand(lower, upper, mean, var, scale, bias, eps=1e-5):
 
 def test_batchnorm_train_interval_uses_clean_batch_moments():
   x = normal(0, (4, 3, 3, 3), 2.0) + 1.0
-  bn = layers.BatchNorm()
+  bn = layers.BatchNorm(use_running_average=False)
   variables = bn.init(key(0), x)
   scale = jnp.array([1.5, -0.7, 0.3])
   bias = jnp.array([0.1, 0.2, -0.3])
@@ -292,7 +292,7 @@ def test_batchnorm_train_interval_uses_clean_batch_moments():
 
 def test_batchnorm_train_interval_without_clean_pass_raises():
   x = normal(0, (2, 3, 3, 2))
-  bn = layers.BatchNorm()
+  bn = layers.BatchNorm(use_running_average=False)
   # Straight from init: the init call (in training mode) must not leave
   # moments behind that would stand in for the clean batch's.
   variables = bn.init(key(0), x)
@@ -326,7 +326,7 @@ def test_batchnorm_eval_uses_running_averages():
 
 def test_batchnorm_running_averages_update_with_momentum():
   x = normal(0, (5, 2, 2, 3), 2.0) + 0.5
-  bn = layers.BatchNorm(momentum=0.8)
+  bn = layers.BatchNorm(use_running_average=False, momentum=0.8)
   variables = bn.init(key(0), x)
   np.testing.assert_array_equal(variables['batch_stats']['mean'], np.zeros(3))
   np.testing.assert_array_equal(variables['batch_stats']['var'], np.ones(3))
