@@ -68,6 +68,7 @@ def _load(config: Config, split: str) -> data.Dataset:
 def evaluate(steps: training.Steps, state, dataset: data.Dataset, config: Config, eps: float,
              key, limit: int | None = None, progress: bool = False) -> dict:
   """Standard, PGD and certified error (in %) and interval-solver statistics."""
+  t0 = time.time()
   ds = data.subset(dataset, limit)
   sums: dict = {}
   batches = data.epoch_batches(ds, config.batch_size, config.seed, 0, shuffle=False,
@@ -89,6 +90,7 @@ def evaluate(steps: training.Steps, state, dataset: data.Dataset, config: Config
             'pgd_error': 100 * (1 - sums['pgd_robust'] / n),
             'certified_error': 100 * (1 - sums['certified'] / n),
             'certified_but_broken': int(sums['certified_but_broken'])}
+  result['eval_time_s'] = time.time() - t0
   if 'deq_iterations_sum' in sums:
     result.update(deq_iterations_mean=sums['deq_iterations_sum'] / n,
                   deq_iterations_max=sums['deq_iterations_max'],
@@ -163,6 +165,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           f'{jax.device_count()} device(s), {jax.process_count()} process(es); '
           f'starting at step {step}', flush=True)
 
+  final_key = jax.random.fold_in(key, 10**6)
+  final = None
   stopper = _Stopper()
   interrupted = False
   try:
@@ -202,8 +206,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 'images_per_s': seen / (time.time() - t0)}
       record.update({f'train_{k}' if not k.startswith('train_') else k: v / count
                      for k, v in sums.items() if k != 'eps'})
-      ev = evaluate(steps, state, test_ds, config, config.eps, jax.random.fold_in(key, epoch),
-                    config.eval_examples_per_epoch if step < total_steps else None)
+      if step < total_steps:
+        ev = evaluate(steps, state, test_ds, config, config.eps, jax.random.fold_in(key, epoch),
+                      config.eval_examples_per_epoch)
+      else:  # the last epoch's evaluation is the final one, on the whole test split
+        ev = final = evaluate(steps, state, test_ds, config, config.eps, final_key,
+                              progress=config.progress)
       record.update({f'test_{k}': v for k, v in ev.items()})
       ckpt.save(state, step, {'certified_error': ev['certified_error']})
       if is_main:
@@ -221,10 +229,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       print(f'stopped at step {step}; checkpoint saved, resume with --resume', flush=True)
     ckpt.close()
     return {}
-  t0 = time.time()
-  final = evaluate(steps, state, test_ds, config, config.eps, jax.random.fold_in(key, 10**6),
-                   progress=config.progress)
-  final.update(eval_time_s=time.time() - t0, model=config.model, dataset=config.dataset,
+  if final is None:
+    final = evaluate(steps, state, test_ds, config, config.eps, final_key,
+                     progress=config.progress)
+  final = dict(final)
+  final.update(model=config.model, dataset=config.dataset,
                config=config.to_json(), steps=step, devices=jax.device_count(),
                platform=jax.devices()[0].platform)
   if parametrization_of(model) is not None:
