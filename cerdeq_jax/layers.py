@@ -196,28 +196,27 @@ class Flatten(nn.Module):
     return x.reshape(x.shape[0], -1)
 
 
-class AvgPool(nn.Module):
+class Pool(nn.Module):
+  """Pooling by ``pool`` (``nn.avg_pool``, ``nn.max_pool``): both are
+  non-decreasing in every input, so an interval maps to its ends' images."""
+  pool: Callable = nn.max_pool
   window: Sequence[int] = (2, 2)
   strides: Sequence[int] | None = None
   padding: str = 'VALID'
 
   @nn.compact
   def __call__(self, x):
-    if _is_box(x):
-      return ibp.avg_pool(x, self.window, self.strides, self.padding)
-    return nn.avg_pool(x, tuple(self.window), self.strides and tuple(self.strides), self.padding)
+    fn = lambda z: self.pool(z, tuple(self.window), self.strides and tuple(self.strides),
+                             self.padding)
+    return ibp.monotone(x, fn) if _is_box(x) else fn(x)
 
 
-class MaxPool(nn.Module):
-  window: Sequence[int] = (2, 2)
-  strides: Sequence[int] | None = None
-  padding: str = 'VALID'
+def AvgPool(window=(2, 2), strides=None, padding='VALID', name=None) -> Pool:  # pylint: disable=invalid-name
+  return Pool(nn.avg_pool, window, strides, padding, name=name)
 
-  @nn.compact
-  def __call__(self, x):
-    if _is_box(x):
-      return ibp.max_pool(x, self.window, self.strides, self.padding)
-    return nn.max_pool(x, tuple(self.window), self.strides and tuple(self.strides), self.padding)
+
+def MaxPool(window=(2, 2), strides=None, padding='VALID', name=None) -> Pool:  # pylint: disable=invalid-name
+  return Pool(nn.max_pool, window, strides, padding, name=name)
 
 
 class DEQ(nn.Module):
