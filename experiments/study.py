@@ -20,7 +20,7 @@ from absl import app, flags
 
 flags.DEFINE_string('workdir', 'runs/study', 'Parent folder of the runs.')
 flags.DEFINE_list('seeds', ['0'], 'Seeds of the four main models.')
-flags.DEFINE_list('depths', ['2', '4', '6', '8'], 'Depths of the CNN-BN sweep (seed 0).')
+flags.DEFINE_list('depths', ['2', '3', '4', '6'], 'Depths of the CNN-BN sweep (seed 0).')
 flags.DEFINE_list('only', [], 'Run only these run names (e.g. cerdeq_s0,depth4).')
 flags.DEFINE_string('results_dir', 'docs/results', 'Where results.json copies go.')
 flags.DEFINE_list('extra', [], 'Extra flags passed to every run, e.g. --epochs=6.')
