@@ -10,7 +10,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from cerdeq_jax import ops
 from cerdeq_jax.interval import Interval

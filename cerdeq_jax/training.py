@@ -9,7 +9,7 @@ applied after the optimiser update, inside the step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn

@@ -36,7 +36,7 @@ def core(repeats: int) -> dict:
   Fashion-MNIST CerDEQ's size class)."""
   import jax
   import jax.numpy as jnp
-  from cerdeq_jax import Interval, deq, implicit, ops, parametrize, solvers
+  from cerdeq_jax import Interval, deq, ops, parametrize, solvers
 
   key = jax.random.PRNGKey(0)
   c, hw, n = 32, 14, 128

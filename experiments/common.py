@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
-import json
 import math
 import os
-import signal
 import sys
-import time
-from typing import Any
 
 from absl import app, flags
 

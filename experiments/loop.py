@@ -15,7 +15,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cerdeq_jax import checkpointing, data, models, parametrize, schedules, solvers, training
