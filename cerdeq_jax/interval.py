@@ -101,7 +101,7 @@ def linf_ball(x, eps: float, mean: Sequence[float] | float = 0.0,
     raise ValueError(f'eps must be >= 0 (pixel units in [0, 1]), got {eps}.')
   x = jnp.asarray(x)
   mean, std = _per_channel(mean, x.ndim), _per_channel(std, x.ndim)
-  if jnp.any(std <= 0) if not isinstance(std, jax.core.Tracer) else False:
+  if not isinstance(std, jax.core.Tracer) and np.any(np.asarray(std) <= 0):
     raise ValueError('std must be positive.')
   lo_valid = (pixel_range[0] - mean) / std
   hi_valid = (pixel_range[1] - mean) / std
