@@ -91,7 +91,7 @@ def _per_sample(x, reduce):
   return reduce(x.reshape(x.shape[0], -1), axis=1)
 
 
-def sound_widening(z: Interval, fz: Interval, kernel):
+def sound_widening(z: Interval, fz: Interval, kernel, lipschitz=None):
   """Bounds that enclose the exact interval fixed point, from an approximate
   one ``z`` and ``fz = F(z)`` (one more interval step).
 
@@ -102,7 +102,8 @@ def sound_widening(z: Interval, fz: Interval, kernel):
   ``L = || |W| ||_2`` bound (`abs_operator_bound`); ``r = F(z) - z`` per sample
   over both ends. Returns ``(widened fz, certifiable-contraction (N,) bool)``.
   """
-  lipschitz = abs_operator_bound(kernel)
+  if lipschitz is None:
+    lipschitz = abs_operator_bound(kernel)
   v, rho = channel_contraction(kernel)
   res = jnp.concatenate([(fz.lower - z.lower)[..., None], (fz.upper - z.upper)[..., None]], -1)
   shape = (-1,) + (1,) * (z.lower.ndim - 1)
@@ -148,7 +149,7 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   certifiable = jnp.zeros_like(st.converged)
   if is_box and sound:
     fz = jax.vmap(lambda inj, state: fn((kernel, inj), state))(injection, z)
-    z, contraction = sound_widening(z, fz, kernel)
+    z, contraction = sound_widening(z, fz, kernel, lipschitz)
     certifiable = st.converged & contraction
   stats = DEQStats(st.iterations, st.residual, st.converged,
                    jnp.broadcast_to(lipschitz, st.residual.shape), certifiable)
