@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import json
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ class Config:
   dataset: str = 'cifar10'
   model: str = 'cerdeq'
   eps: float = 8 / 255           # [0, 1] pixel units
-  epochs: int = 200
+  epochs: float = 200            # may be fractional: a budget in passes
   batch_size: int = 128
   seed: int = 0
   lr: float = 5e-4
@@ -44,11 +45,14 @@ class Config:
   dense: int = 512
   batch_norm: bool = True
   deq_scale: float = 0.95
+  deq_stride: int | None = None   # stride of the DEQ's injection (model default if None)
+  tail_strides: tuple[int, ...] | None = None  # of the 3 convs after the DEQ (2, 1, 1)
   solver: str = 'anderson'
   tol: float = 1e-4
   max_iter: int = 50
   train_examples: int | None = None
   test_examples: int | None = None
+  validation_examples: int = 0   # > 0: evaluate on that many held out of train, not on test
   eval_examples_per_epoch: int | None = 1000
   pgd_steps: int = 10
   pgd_restarts: int = 1
@@ -87,12 +91,23 @@ def validate(config: Config) -> Config:
     raise ValueError(f'unknown dataset {config.dataset!r}; choose one of {", ".join(DATASETS)}')
   if config.model not in MODELS:
     raise ValueError(f'unknown --model={config.model!r}; choose one of {", ".join(MODELS)}')
-  for name in ('epochs', 'batch_size', 'max_iter', 'checkpoint_every_steps', 'keep_checkpoints'):
+  if not (math.isfinite(config.epochs) and config.epochs > 0):
+    raise ValueError(f'--epochs must be a positive number, got {config.epochs}')
+  for name in ('batch_size', 'max_iter', 'checkpoint_every_steps', 'keep_checkpoints'):
     if getattr(config, name) <= 0:
       raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
   for name in ('train_examples', 'test_examples', 'eval_examples_per_epoch'):
     if getattr(config, name) is not None and getattr(config, name) <= 0:
       raise ValueError(f'--{name} must be positive, got {getattr(config, name)}')
+  if config.tail_strides is not None and (
+      len(config.tail_strides) != 3 or min(config.tail_strides) < 1):
+    raise ValueError(f'--tail_strides needs three positive strides, got {config.tail_strides}')
+  if config.deq_stride is not None and config.deq_stride < 1:
+    raise ValueError(f'--deq_stride must be positive, got {config.deq_stride}')
+  if config.validation_examples < 0:
+    raise ValueError(f'--validation_examples must be >= 0, got {config.validation_examples}')
+  if config.augment_pad < 0:
+    raise ValueError(f'--augment_pad must be >= 0, got {config.augment_pad}')
   if not 0 < config.deq_scale < 1:
     raise ValueError(f'--deq_scale must lie in (0, 1), got {config.deq_scale}')
   if config.solver not in ('anderson', 'picard'):
@@ -127,7 +142,7 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_string('eps', str(fractions.Fraction(d.eps).limit_denominator(1000)),
                       'ℓ∞ radius in [0,1] pixel units, e.g. 8/255 or 0.1.')
   flags.DEFINE_string('model', d.model, f'One of {", ".join(MODELS)}.')
-  flags.DEFINE_integer('epochs', d.epochs, 'Training epochs.')
+  flags.DEFINE_float('epochs', d.epochs, 'Training epochs (passes; may be fractional).')
   flags.DEFINE_integer('batch_size', d.batch_size, 'Global batch size.')
   flags.DEFINE_integer('seed', d.seed, 'Seed of initialisation, data order and PGD.')
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go.')
@@ -135,6 +150,9 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_bool('eval_only', False, 'Only evaluate the latest checkpoint.')
   flags.DEFINE_integer('train_examples', d.train_examples, 'Use the first N training examples.')
   flags.DEFINE_integer('test_examples', d.test_examples, 'Use the first N test examples.')
+  flags.DEFINE_integer('validation_examples', d.validation_examples,
+                       'If > 0: hold out that many training images (a fixed draw, never trained '
+                       'on) and evaluate on them instead of the test split, to choose options.')
   flags.DEFINE_integer('eval_examples_per_epoch', d.eval_examples_per_epoch,
                        'Test examples evaluated after each epoch (all at the end).')
   flags.DEFINE_integer('width', d.width, 'Base width (model-specific default if unset).')
@@ -147,7 +165,13 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_float('eps_length_epochs', d.eps_length_epochs, 'Epochs of the ε ramp.')
   flags.DEFINE_string('loss', d.loss, "'fast_ibp' or 'mixed' (κ annealed 1 -> 0.5).")
   flags.DEFINE_float('reg_lambda', d.reg_lambda, 'Weight of the warm-up regularisers.')
+  flags.DEFINE_integer('augment_pad', d.augment_pad,
+                       'Random-crop edge padding in pixels (0: no crop).')
+  flags.DEFINE_bool('flip', d.flip, 'Random horizontal flips.')
   flags.DEFINE_float('deq_scale', d.deq_scale, 'Bound s < 1 on || |W| ||_2 of DEQ weights.')
+  flags.DEFINE_integer('deq_stride', d.deq_stride, 'Stride of the DEQ injection (DEQ models).')
+  flags.DEFINE_list('tail_strides', d.tail_strides and [str(s) for s in d.tail_strides],
+                    'Strides of the three convs after the DEQ (DEQ models), e.g. 2,1,1.')
   flags.DEFINE_string('solver', d.solver, "'anderson' or 'picard'.")
   flags.DEFINE_float('tol', d.tol, 'Relative residual tolerance of DEQ solves.')
   flags.DEFINE_integer('max_iter', d.max_iter, 'Iteration limit of DEQ solves.')
@@ -158,6 +182,7 @@ def define_flags(defaults: Config) -> None:
                        'Save a checkpoint every N steps (and at each epoch end).')
   flags.DEFINE_bool('progress', d.progress, 'Show progress bars.')
   flags.DEFINE_integer('stop_after_steps', None, 'Stop (with a checkpoint) after N steps.')
+  flags.DEFINE_bool('calibrate', False, 'Only time the certified train step; print it as JSON.')
   flags.DEFINE_string('coordinator_address', None,
                       'Multi-process: host:port of process 0 (with --num_processes, --process_id).')
   flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
@@ -171,16 +196,24 @@ def config_from_flags(defaults: Config) -> Config:
     milestones = tuple(float(m) for m in FLAGS.milestones)
   except ValueError:
     raise ValueError(f'--milestones={",".join(FLAGS.milestones)} must be numbers') from None
+  try:
+    tail_strides = tuple(int(s) for s in FLAGS.tail_strides) if FLAGS.tail_strides else None
+  except ValueError:
+    raise ValueError(f'--tail_strides={",".join(FLAGS.tail_strides)} must be integers') from None
   return validate(dataclasses.replace(
       defaults, eps=parse_eps(FLAGS.eps), model=FLAGS.model, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, resume=FLAGS.resume,
       eval_only=FLAGS.eval_only, train_examples=FLAGS.train_examples,
-      test_examples=FLAGS.test_examples, eval_examples_per_epoch=FLAGS.eval_examples_per_epoch,
+      test_examples=FLAGS.test_examples,
+      validation_examples=FLAGS.validation_examples,
+      eval_examples_per_epoch=FLAGS.eval_examples_per_epoch,
       width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, batch_norm=FLAGS.batch_norm,
       lr=FLAGS.lr,
       milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
       eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, reg_lambda=FLAGS.reg_lambda,
-      deq_scale=FLAGS.deq_scale, solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
+      augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
+      deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
+      solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
       pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,
       stop_after_steps=FLAGS.stop_after_steps))
@@ -205,7 +238,10 @@ def main_with_defaults(defaults: Config) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from experiments import loop  # heavy imports only after validation
     try:
-      loop.train_and_evaluate(config, workdir)
+      if FLAGS.calibrate:
+        print(json.dumps(loop.time_train_step(config)), flush=True)
+      else:
+        loop.train_and_evaluate(config, workdir)
     except (FileNotFoundError, loop.UsageError) as e:
       _fail(str(e))
 

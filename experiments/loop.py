@@ -31,7 +31,7 @@ def build_model(config: Config, dataset: data.Dataset):
       config.model, dataset.num_classes, image_size=image_size, width=config.width,
       depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
       solver=solver_cls(tol=config.tol, max_iter=config.max_iter),
-      deq_stride=2 if config.dataset == 'fashion_mnist' else None,
+      deq_stride=config.deq_stride, tail_strides=config.tail_strides,
       batch_norm=config.batch_norm)
 
 
@@ -58,10 +58,16 @@ class _Stopper:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _load(config: Config, split: str) -> data.Dataset:
-  ds = data.load(config.dataset, split, data_dir=config.data_dir)
-  n = config.train_examples if split == 'train' else config.test_examples
-  return data.subset(ds, n)
+def load_splits(config: Config) -> tuple[data.Dataset, data.Dataset]:
+  """``(train, evaluation)``: the test split, or with ``validation_examples``
+  > 0 that many examples held out of the training split (never trained on).
+  ``train_examples`` / ``test_examples`` then take the first N of each."""
+  train = data.load(config.dataset, 'train', data_dir=config.data_dir)
+  if config.validation_examples:
+    train, held_out = data.holdout(train, config.validation_examples)
+  else:
+    held_out = data.load(config.dataset, 'test', data_dir=config.data_dir)
+  return data.subset(train, config.train_examples), data.subset(held_out, config.test_examples)
 
 
 def evaluate(steps: training.Steps, state, dataset: data.Dataset, config: Config, eps: float,
@@ -117,9 +123,9 @@ def _truncate_metrics(path: str, before_epoch: int):
     f.writelines(lines)
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict:
-  is_main = jax.process_index() == 0
-  train_ds, test_ds = _load(config, 'train'), _load(config, 'test')
+def setup(config: Config, train_ds: data.Dataset):
+  """Model, step config, lr schedule, optimiser, mesh, initial state and the
+  compiled steps of a run: ``(model, cfg, lr, tx, mesh, state, steps)``."""
   model = build_model(config, train_ds)
   spe = data.steps_per_epoch(train_ds.num_examples, config.batch_size, True)
   if spe == 0:
@@ -138,6 +144,34 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                               cfg.parametrization)
   state = training.replicate(mesh, state)
   steps = training.Steps(model, tx, cfg, mesh, config.pgd_steps, config.pgd_restarts)
+  return model, cfg, lr, tx, mesh, state, steps
+
+
+def time_train_step(config: Config, repeats: int = 10) -> dict:
+  """``seconds_per_step``: the median wall time of one certified train step at
+  full ε on real batches (after compilation), the unit of a study's time
+  budgets; and ``steps_per_epoch``."""
+  train_ds, _ = load_splits(config)
+  _, cfg, _, _, mesh, state, steps = setup(config, train_ds)
+  step = round((cfg.eps_start_epochs + cfg.eps_length_epochs) * cfg.steps_per_epoch)
+  state = state.replace(step=training.replicate(mesh, np.int32(step)))  # ε = eps_max
+  batches = data.epoch_batches(train_ds, config.batch_size, config.seed, 0,
+                               augment_pad=config.augment_pad, flip=config.flip)
+  times = []
+  for _, batch in zip(range(repeats + 1), batches):
+    t = time.perf_counter()
+    state, m = steps.train(state, batch, step)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return {'seconds_per_step': float(np.median(times[1:])), 'steps_per_epoch': cfg.steps_per_epoch}
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+  is_main = jax.process_index() == 0
+  train_ds, test_ds = load_splits(config)
+  split = 'validation' if config.validation_examples else 'test'
+  model, cfg, lr, tx, mesh, state, steps = setup(config, train_ds)
+  spe = cfg.steps_per_epoch
 
   identity = {k: v for k, v in config.to_json().items() if k not in RUN_CONTROL}
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), identity,
@@ -156,11 +190,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     raise UsageError(f'{workdir} already holds checkpoints: pass --resume or use a new --workdir')
   step = int(jax.device_get(state.step))
   key = jax.random.PRNGKey(config.seed + 1)
-  total_steps = config.epochs * spe
+  total_steps = max(1, round(config.epochs * spe))  # a fractional last epoch is partial
   if is_main:
     _truncate_metrics(metrics_path, step // spe)
     print(f'{config.model} on {config.dataset}: {train_ds.num_examples} train / '
-          f'{test_ds.num_examples} test, {spe} steps per epoch, '
+          f'{test_ds.num_examples} {split}, {spe} steps per epoch, {total_steps} steps, '
           f'{jax.device_count()} device(s), {jax.process_count()} process(es); '
           f'starting at step {step}', flush=True)
 
@@ -176,8 +210,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           train_ds, config.batch_size, config.seed, epoch, augment_pad=config.augment_pad,
           flip=config.flip, process_index=jax.process_index(),
           process_count=jax.process_count(), start_step=start))
-      bar = _bar(batches, spe, f'epoch {epoch + 1}/{config.epochs}', start) \
-          if config.progress else batches
+      bar = _bar(batches, min(spe, total_steps - epoch * spe),
+                 f'epoch {epoch + 1}/{config.epochs:g}', start) if config.progress else batches
       for batch in bar:
         state, m = steps.train(state, batch, step)
         step += 1
@@ -190,11 +224,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
           bar.set_postfix(loss=f'{float(m["loss"]):.3f}', eps=f'{float(m.get("eps", 0)):.4f}',
                           img_s=f'{seen / (time.time() - t0):.0f}', refresh=False)
         stop_now = stopper.requested or (config.stop_after_steps and step >= config.stop_after_steps)
-        # The epoch-end save (with metrics) covers the last step of an epoch.
-        if stop_now or (step % config.checkpoint_every_steps == 0 and step % spe != 0):
+        # The epoch-end save (with metrics) covers the last step of an epoch
+        # and of the run.
+        if stop_now or (step % config.checkpoint_every_steps == 0 and step % spe != 0
+                        and step < total_steps):
           ckpt.save(state, step)
         if stop_now:
           interrupted = True
+          break
+        if step >= total_steps:
           break
       if hasattr(batches, 'close'):
         batches.close()
@@ -217,7 +255,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         with open(metrics_path, 'a') as f:
           f.write(json.dumps(record) + '\n')
         print(f'epoch {epoch + 1}: loss {record.get("train_loss", float("nan")):.4f} '
-              f'eps {record["eps"]:.4f} | test standard {ev["standard_error"]:.2f}% '
+              f'eps {record["eps"]:.4f} | {split} standard {ev["standard_error"]:.2f}% '
               f'PGD {ev["pgd_error"]:.2f}% certified {ev["certified_error"]:.2f}% '
               f'({ev["examples"]} examples) | {record["time_s"]:.0f}s', flush=True)
   finally:
@@ -232,7 +270,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     final = evaluate(steps, state, test_ds, config, config.eps, final_key,
                      progress=config.progress)
   final = dict(final)
-  final.update(model=config.model, dataset=config.dataset,
+  final.update(model=config.model, dataset=config.dataset, split=split,
                config=config.to_json(), steps=step, devices=jax.device_count(),
                platform=jax.devices()[0].platform)
   if parametrization_of(model) is not None:
@@ -262,6 +300,7 @@ def format_table(result: dict) -> str:
              ('DEQ max residual', f'{result["deq_residual_max"]:.2e}'),
              ('L bound on || |W| ||_2', f'{result["deq_lipschitz"]:.4f}')]
   width = max(len(r[0]) for r in rows)
-  head = (f'{result["model"]} on {result["dataset"]} test ({result["examples"]} examples), '
+  head = (f'{result["model"]} on {result["dataset"]} {result.get("split", "test")} '
+          f'({result["examples"]} examples), '
           f'eps = {result["eps"]:.4g}')
   return '\n'.join([head] + [f'  {name:<{width}}  {value}' for name, value in rows])

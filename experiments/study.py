@@ -1,12 +1,23 @@
-"""The Fashion-MNIST comparison study (the paper's three claims, on the CPU).
+"""The Fashion-MNIST study: named plans of (model x seed) runs at equal budgets.
 
-    python -m experiments.study --workdir=runs/study [--seeds=0,1] [--only=cerdeq,cnn7]
+    python -m experiments.study --plan=main [--workdir=runs/study] [--only=cerdeq_s0]
+    python -m experiments.study --plan=main --calibrate_only   # only the step timings
 
-Runs every model with one fixed budget (`BUDGET`) through
-``python -m experiments.fashion_mnist`` (a subprocess per run, so a failing run
-does not stop the others and each can be resumed), then copies each
-``results.json`` (with the per-epoch metrics) to ``docs/results/<run>.json``.
-`experiments.report` turns those files into ``docs/results.md``.
+Every run is ``python -m experiments.fashion_mnist`` in a subprocess (a failing
+run does not stop the others; an interrupted one resumes with ``--resume``),
+so a plan can be run across sessions: finished runs are skipped. Each finished
+``results.json`` (with the per-epoch metrics and the command) is copied to
+``docs/results/<plan>/<run>.json``; `experiments.report` builds the page.
+
+**Budgets by time.** A plan with ``minutes`` gives every run the same training
+wall-clock on this machine *when idle*: the run's number of steps is
+``minutes * 60 / t``, where ``t`` is the median time of one certified train
+step of that model, measured once on the idle machine (``--calibrate_only``)
+and stored in ``docs/results/calibration.json`` with the load at the time.
+Runs then stop after a fixed number of steps, so they are reproducible and
+resumable bit-exactly, and other jobs on the machine slow them down without
+changing them; each run's measured training time is reported beside it. The
+ε ramp and the lr milestones are fixed fractions of the run (`SCHEDULE`).
 """
 from __future__ import annotations
 
@@ -15,37 +26,103 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from typing import NamedTuple
 
 from absl import app, flags
 
+flags.DEFINE_string('plan', 'main', 'Which plan (see PLANS).')
 flags.DEFINE_string('workdir', 'runs/study', 'Parent folder of the runs.')
-flags.DEFINE_list('seeds', ['0'], 'Seeds of the four main models.')
-flags.DEFINE_list('depths', ['2', '3', '4', '6'], 'Depths of the CNN-BN sweep (seed 0).')
-flags.DEFINE_list('only', [], 'Run only these run names (e.g. cerdeq_s0,depth4).')
+flags.DEFINE_list('only', [], 'Run only these run names (e.g. cerdeq_s0,cnn7_s1).')
 flags.DEFINE_string('results_dir', 'docs/results', 'Where results.json copies go.')
-flags.DEFINE_list('extra', [], 'Extra flags passed to every run, e.g. --epochs=6.')
+flags.DEFINE_bool('calibrate_only', False, 'Measure (or re-measure) the step times, no runs.')
+flags.DEFINE_bool('list', False, 'Print the plan and exit.')
 FLAGS = flags.FLAGS
 
-#: One budget for every model: same data, schedule shape, optimiser, evaluation.
-BUDGET = ['--eps=0.1', '--epochs=5', '--train_examples=10000', '--batch_size=128',
-          '--eps_start_epochs=1', '--eps_length_epochs=3', '--milestones=4', '--width=16',
-          '--dense=128', '--eval_examples_per_epoch=200', '--pgd_steps=5', '--progress=false']
-MAIN_MODELS = ('cerdeq', 'deq_sn', 'deq_wn', 'cnn7')
+#: Shared by every run of every plan: data, evaluation, optimiser.
+COMMON = ('--eps=0.1', '--train_examples=60000', '--batch_size=128', '--eval_examples_per_epoch=500', '--pgd_steps=10',
+          '--progress=false')
+#: Fractions of a time-budgeted run: ε = 0 for the first 10 %, the ramp over the
+#: next 50 %, lr x0.2 at 75 % and 90 % (the shape of Fast-IBP's 70-epoch
+#: CIFAR schedule — 1, 20, then milestones 50 and 60 — stretched for short runs).
+SCHEDULE = {'eps_start': 0.1, 'eps_length': 0.5, 'milestones': (0.75, 0.9)}
+SMALL = ('--width=16', '--dense=128')
 
 
-def runs() -> dict[str, list[str]]:
-  plan = {}
-  for seed in FLAGS.seeds:
-    for model in MAIN_MODELS:
-      plan[f'{model}_s{seed}'] = [f'--model={model}', f'--seed={seed}']
-  for depth in FLAGS.depths:
-    plan[f'depth{depth}'] = ['--model=cnn_depth', f'--depth={depth}', '--seed=0']
-  return plan
+class Run(NamedTuple):
+  name: str
+  flags: tuple[str, ...]   # model flags; '--seed' is added from `seed`
+  seed: int = 0
+
+
+class Plan(NamedTuple):
+  description: str
+  runs: tuple[Run, ...]
+  minutes: float | None = None   # training budget per run (None: the flags give epochs)
+  validation: bool = False       # evaluate on the held-out training images
+
+
+def _seeds(name, flags_, seeds):
+  return tuple(Run(f'{name}_s{s}', tuple(flags_), s) for s in seeds)
+
+
+PLANS = {
+    'main': Plan('CerDEQ against CNN-7, 3 seeds, 20 minutes each, test set',
+                 _seeds('cerdeq', ('--model=cerdeq',) + SMALL, (0, 1, 2))
+                 + _seeds('cnn7', ('--model=cnn7',) + SMALL, (0, 1, 2)), minutes=20),
+    'ablation': Plan('DEQ+SN and DEQ+WN (the CerDEQ layout, other parametrisations), '
+                     '2 seeds, 10 minutes, test set',
+                     _seeds('deq_sn', ('--model=deq_sn',) + SMALL, (0, 1))
+                     + _seeds('deq_wn', ('--model=deq_wn',) + SMALL, (0, 1)), minutes=10),
+    'depth': Plan('CNN-BN of 2, 4, 6, 8 conv layers, 1 seed, 10 minutes, test set',
+                  tuple(Run(f'depth{d}', ('--model=cnn_depth', f'--depth={d}') + SMALL)
+                        for d in (2, 4, 6, 8)), minutes=10),
+    'recipe': Plan('CNN-7 (64 channels, dense 512) with the published Fast-IBP recipe at the '
+                   'budget of the peer measurement in issue 8 (3 passes, batch 256)',
+                   (Run('cnn7_recipe', ('--model=cnn7', '--width=64', '--dense=512', '--epochs=3',
+                                        '--batch_size=256', '--eps_start_epochs=0.2',
+                                        '--eps_length_epochs=1.6', '--milestones=2.4')),)),
+    'select': Plan('Choices for CerDEQ on the validation split, 1 seed, 10 minutes',
+                   tuple(Run(n, ('--model=cerdeq',) + SMALL + f) for n, f in (
+                       ('cerdeq_project', ()),
+                   )) + (Run('cnn7', ('--model=cnn7',) + SMALL),), minutes=10, validation=True),
+}
+
+
+def run_flags(plan: Plan, run: Run) -> list[str]:
+  """The model/data flags of a run (no budget): what a calibration is keyed by."""
+  return [*COMMON, *run.flags] + (['--validation_examples=10000'] if plan.validation else [])
+
+
+def budget_flags(minutes: float, seconds_per_step: float, steps_per_epoch: int) -> list[str]:
+  """``--epochs`` and the schedule (`SCHEDULE`) for ``minutes`` of training."""
+  epochs = round(minutes * 60 / seconds_per_step / steps_per_epoch, 3)
+  f = lambda x: f'{x * epochs:.3f}'
+  return [f'--epochs={epochs}', f'--eps_start_epochs={f(SCHEDULE["eps_start"])}',
+          f'--eps_length_epochs={f(SCHEDULE["eps_length"])}',
+          '--milestones=' + ','.join(f(m) for m in SCHEDULE['milestones'])]
+
+
+def _experiment(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, '-m', 'experiments.fashion_mnist', *args]
+  print('$', ' '.join(cmd[1:]), flush=True)
+  return subprocess.run(cmd, check=False, **kwargs)
+
+
+def calibrate(args: list[str], workdir: str) -> dict:
+  """Step time of a run's model, measured in a subprocess (`--calibrate`)."""
+  out = _experiment([*args, '--calibrate', f'--workdir={workdir}'], capture_output=True,
+                    text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f'calibration failed: {out.stderr.strip().splitlines()[-1:]}')
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result.update(load_average_1min=os.getloadavg()[0], date=time.strftime('%Y-%m-%d %H:%M'))
+  return result
 
 
 def _running_elsewhere(workdir: str) -> bool:
   """Whether another live study process holds ``workdir`` (so several study
-  processes can share the plan, e.g. one per core)."""
+  processes can share a plan)."""
   try:
     with open(os.path.join(workdir, '.running')) as f:
       pid = int(f.read())
@@ -55,39 +132,72 @@ def _running_elsewhere(workdir: str) -> bool:
   return pid != os.getpid()
 
 
+def _load_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _save_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
 def main(argv):
   del argv
-  os.makedirs(FLAGS.results_dir, exist_ok=True)
-  for name, args in runs().items():
-    if FLAGS.only and name not in FLAGS.only:
+  if FLAGS.plan not in PLANS:
+    raise SystemExit(f'error: unknown --plan={FLAGS.plan!r}; choose one of {", ".join(PLANS)}')
+  plan = PLANS[FLAGS.plan]
+  out_dir = os.path.join(FLAGS.results_dir, FLAGS.plan)
+  os.makedirs(out_dir, exist_ok=True)
+  calibration_path = os.path.join(FLAGS.results_dir, 'calibration.json')
+  calibration = _load_json(calibration_path)
+  runs = [r for r in plan.runs if not FLAGS.only or r.name in FLAGS.only]
+  if FLAGS.list:
+    print(f'{FLAGS.plan}: {plan.description}')
+    for r in runs:
+      print(f'  {r.name}: {" ".join(run_flags(plan, r))} --seed={r.seed}')
+    return
+  for run in runs:
+    args = run_flags(plan, run)
+    workdir = os.path.join(FLAGS.workdir, FLAGS.plan, run.name)
+    budget = []
+    if plan.minutes is not None:
+      key = ' '.join(args)
+      if key not in calibration or FLAGS.calibrate_only:
+        calibration[key] = calibrate(args, os.path.join(FLAGS.workdir, 'calibration'))
+        _save_json(calibration_path, calibration)
+        print(f'calibrated {run.name}: {calibration[key]}', flush=True)
+      c = calibration[key]
+      budget = budget_flags(plan.minutes, c['seconds_per_step'], c['steps_per_epoch'])
+    if FLAGS.calibrate_only:
       continue
-    workdir = os.path.join(FLAGS.workdir, name)
     done = os.path.join(workdir, 'results.json')
     if not os.path.exists(done):
       if _running_elsewhere(workdir):
-        print(f'run {name} is running in another process; skipping', flush=True)
+        print(f'run {run.name} is running in another process; skipping', flush=True)
         continue
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, '.running'), 'w') as f:
         f.write(str(os.getpid()))
       resume = ['--resume'] if os.path.isdir(os.path.join(workdir, 'checkpoints')) else []
-      cmd = [sys.executable, '-m', 'experiments.fashion_mnist', f'--workdir={workdir}',
-             *BUDGET, *args, *FLAGS.extra, *resume]
-      print('$', ' '.join(cmd[1:]), flush=True)
-      if subprocess.run(cmd, check=False).returncode != 0:
-        print(f'run {name} failed; continuing', flush=True)
+      if _experiment([f'--workdir={workdir}', *args, *budget, f'--seed={run.seed}',
+                      *resume]).returncode != 0:
+        print(f'run {run.name} failed; continuing', flush=True)
         continue
-    with open(done) as f:
-      result = json.load(f)
+    result = _load_json(done)
     metrics = os.path.join(workdir, 'metrics.jsonl')
     result['epochs_log'] = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
-    result['command'] = ('python -m experiments.fashion_mnist ' +
-                         ' '.join(BUDGET + args + list(FLAGS.extra)))
-    with open(os.path.join(FLAGS.results_dir, f'{name}.json'), 'w') as f:
-      json.dump(result, f, indent=1)
-    shutil.copy(os.path.join(workdir, 'errors_per_epoch.png'),
-                os.path.join(FLAGS.results_dir, f'{name}_errors.png')) \
-        if os.path.exists(os.path.join(workdir, 'errors_per_epoch.png')) else None
+    result.update(plan=FLAGS.plan, run=run.name, budget_minutes=plan.minutes,
+                  command='python -m experiments.fashion_mnist ' + ' '.join(
+                      [*args, *budget, f'--seed={run.seed}']))
+    _save_json(os.path.join(out_dir, f'{run.name}.json'), result)
+    png = os.path.join(workdir, 'errors_per_epoch.png')
+    if os.path.exists(png):
+      shutil.copy(png, os.path.join(out_dir, f'{run.name}_errors.png'))
 
 
 if __name__ == '__main__':

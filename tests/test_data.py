@@ -462,6 +462,23 @@ def test_subset():
   np.testing.assert_array_equal(drawn.labels, data.subset(ds, 4, seed=1).labels)
 
 
+def test_holdout_is_a_fixed_disjoint_split_in_order():
+  ds = _toy(n=10)  # labels 0..9 identify the examples
+  rest, held = data.holdout(ds, 3)
+  assert (rest.num_examples, held.num_examples) == (7, 3)
+  # Together every example exactly once, each part in dataset order.
+  np.testing.assert_array_equal(np.sort(np.concatenate([rest.labels, held.labels])), np.arange(10))
+  assert np.all(np.diff(rest.labels) > 0) and np.all(np.diff(held.labels) > 0)
+  np.testing.assert_array_equal(held.images, ds.images[held.labels])
+  # The same draw every time (every run of a study shares it), another with another seed.
+  np.testing.assert_array_equal(data.holdout(ds, 3)[1].labels, held.labels)
+  assert any(not np.array_equal(data.holdout(ds, 3, seed=s)[1].labels, held.labels)
+             for s in range(1, 6))
+  for bad in (0, 10, -1):
+    with pytest.raises(ValueError, match='hold out'):
+      data.holdout(ds, bad)
+
+
 def test_prefetch_order_errors_and_close():
   assert list(data.prefetch(iter(range(7)), size=2)) == list(range(7))
 

@@ -363,3 +363,40 @@ def test_eval_only_reproduces_results(runs):
   # No training happened: the checkpoints and metrics are those of A.
   assert step_dirs(workdir) == step_dirs(runs['A_dir'])
   assert read_metrics(workdir) == read_metrics(runs['A_dir'])
+
+
+# --- validation split, fractional budgets, step calibration ---------------------------
+
+@pytest.mark.slow
+def test_validation_run_with_a_fractional_last_epoch(tmp_path, data_dir, env):
+  # 256 - 64 held out = 192 training images = 6 steps of 32; 1.5 epochs = 9 steps.
+  work = str(tmp_path / 'val')
+  must_succeed(finish(start(FLAGS + [f'--data_dir={data_dir}', f'--workdir={work}',
+                                     '--validation_examples=64', '--epochs=1.5'], env)))
+  results = read_results(work)
+  assert results['split'] == 'validation' and results['examples'] == 64
+  assert results['steps'] == 9
+  assert [(r['epoch'], r['step']) for r in read_metrics(work)] == [(0, 6), (1, 9)]
+  assert results['standard_error'] <= results['pgd_error'] <= results['certified_error']
+  assert results['certified_but_broken'] == 0
+
+
+@pytest.mark.slow
+def test_calibrate_prints_the_step_time_and_trains_nothing(tmp_path, data_dir, env):
+  work = tmp_path / 'cal'
+  out = must_succeed(finish(start(FLAGS + [f'--data_dir={data_dir}', f'--workdir={work}',
+                                           '--calibrate'], env)))
+  timing = json.loads(out['out'].strip().splitlines()[-1])
+  assert timing['steps_per_epoch'] == 8 and 0 < timing['seconds_per_step'] < 60
+  assert not os.path.exists(work / 'checkpoints') and not os.path.exists(work / 'metrics.jsonl')
+
+
+def test_study_budget_is_minutes_over_step_time():
+  from experiments import study
+  flags_ = dict(f.lstrip('-').split('=') for f in study.budget_flags(10, 0.5, 100))
+  epochs = float(flags_['epochs'])
+  assert epochs == 12  # 600 s / 0.5 s = 1200 steps = 12 epochs of 100 steps
+  assert float(flags_['eps_start_epochs']) == pytest.approx(study.SCHEDULE['eps_start'] * 12)
+  assert float(flags_['eps_length_epochs']) == pytest.approx(study.SCHEDULE['eps_length'] * 12)
+  assert [float(m) for m in flags_['milestones'].split(',')] == pytest.approx(
+      [m * 12 for m in study.SCHEDULE['milestones']])

@@ -21,13 +21,13 @@ from cerdeq_jax.data.datasets import (
     Dataset, cifar10, fashion_mnist, load, tiny_imagenet)
 from cerdeq_jax.data.pipeline import (
     Prefetcher, augment, epoch_batches, epoch_permutation, normalize,
-    prefetch, steps_per_epoch, subset)
+    holdout, prefetch, steps_per_epoch, subset)
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'DATA_DIR_ENV', 'FASHION_MNIST_MEAN',
     'FASHION_MNIST_STD', 'LOADERS', 'TINY_IMAGENET_MEAN', 'TINY_IMAGENET_STD',
     'Dataset', 'Prefetcher', 'TinyImagenet', 'augment', 'cifar10',
-    'epoch_batches', 'epoch_permutation', 'fashion_mnist', 'load', 'normalize',
+    'epoch_batches', 'epoch_permutation', 'fashion_mnist', 'holdout', 'load', 'normalize',
     'parse_idx', 'prefetch', 'read_idx', 'steps_per_epoch', 'subset',
     'tiny_imagenet',
 ]

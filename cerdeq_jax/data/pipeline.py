@@ -22,6 +22,7 @@ from cerdeq_jax.data.datasets import Dataset
 # Tags that keep the permutation and augmentation random streams apart.
 _PERMUTATION_STREAM = 0
 _AUGMENT_STREAM = 1
+_HOLDOUT_STREAM = 2
 
 
 def normalize(images: np.ndarray, mean: Sequence[float] | float,
@@ -221,6 +222,22 @@ def subset(dataset: Dataset, n: int | None, seed: int | None = None) -> Dataset:
     return dataset._replace(images=dataset.images[:n], labels=dataset.labels[:n])
   index = np.sort(np.random.default_rng(seed).permutation(dataset.num_examples)[:n])
   return dataset._replace(images=dataset.images[index], labels=dataset.labels[index])
+
+
+def holdout(dataset: Dataset, n: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+  """Splits ``dataset`` into ``(rest, held_out)`` with ``n`` held-out examples.
+
+  The held-out examples are drawn without replacement from ``seed`` only (not
+  a run's seed: every run of a study shares one split); both parts keep the
+  dataset order. A random draw, not the last ``n``, because Tiny-ImageNet's
+  training order is grouped by class.
+  """
+  if not 0 < n < dataset.num_examples:
+    raise ValueError(f'cannot hold out {n} of {dataset.num_examples} examples')
+  held = np.zeros(dataset.num_examples, bool)
+  held[np.random.default_rng([seed, _HOLDOUT_STREAM]).permutation(dataset.num_examples)[:n]] = True
+  part = lambda m: dataset._replace(images=dataset.images[m], labels=dataset.labels[m])
+  return part(~held), part(held)
 
 
 class _Failure:
