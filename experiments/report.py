@@ -1,22 +1,25 @@
-"""Regenerates ``docs/results.md`` and its figures from ``docs/results/*.json``.
+"""Regenerates ``docs/results.md`` and its figures from ``docs/results/<plan>/*.json``.
 
     python -m experiments.report [--results_dir=docs/results] [--out=docs/results.md]
 
-Every number on the page comes from those files (written by `experiments.study`);
-the paper's CIFAR-10 rows are quoted for comparison only. The discussion is
-kept in ``docs/results_discussion.md`` and included verbatim; the claim checks
-above it are computed here.
+Every number on the page comes from those files (written by `experiments.study`):
+per plan, a row per model with mean ± sample std over seeds, and the per-seed
+rows; ``docs/results/summary.json`` holds the same tables as data. The paper's
+CIFAR-10 rows are quoted for the direction of the comparisons only. The
+discussion is kept in ``docs/results_discussion.md`` and included verbatim;
+the claim checks above it are computed here.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 import statistics
 
 from absl import app, flags
 
-flags.DEFINE_string('results_dir', 'docs/results', 'Folder of results JSON files.')
+flags.DEFINE_string('results_dir', 'docs/results', 'Folder of the plans\' results folders.')
 flags.DEFINE_string('out', 'docs/results.md', 'Markdown page to write.')
 FLAGS = flags.FLAGS
 
@@ -25,158 +28,216 @@ NAMES = {'cerdeq': 'CerDEQ (Björck)', 'deq_sn': 'DEQ+SN', 'deq_wn': 'DEQ+WN', '
 PAPER = {'cerdeq': (53.43, 67.21), 'deq_sn': (57.43, 68.66), 'deq_wn': (56.34, 69.84),
          'cnn7': (56.64, 68.81)}
 METRICS = ('standard_error', 'pgd_error', 'certified_error')
+PLAN_ORDER = ('main', 'ablation', 'depth', 'recipe', 'select')
 
 
-def load(results_dir: str) -> dict[str, dict]:
-  out = {}
-  for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
+def load(results_dir: str) -> dict[str, dict[str, dict]]:
+  """``{plan: {run name: result}}`` from ``results_dir/<plan>/<run>.json``."""
+  out: dict[str, dict[str, dict]] = {}
+  for path in sorted(glob.glob(os.path.join(results_dir, '*', '*.json'))):
+    plan = os.path.basename(os.path.dirname(path))
     with open(path) as f:
-      out[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+      out.setdefault(plan, {})[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
   return out
 
 
-def _mean_std(values):
-  if not values:
-    return None
-  mean = statistics.fmean(values)
-  std = statistics.stdev(values) if len(values) > 1 else None
-  return mean, std
+def group_of(run: str) -> str:
+  """``cerdeq_s1`` -> ``cerdeq``: runs that differ only in the seed."""
+  return re.sub(r'_s\d+$', '', run)
 
 
-def _fmt(ms):
-  if ms is None:
-    return '–'
+def mean_std(values) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for one value)."""
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(ms) -> str:
   mean, std = ms
   return f'{mean:.2f}' + (f' ± {std:.2f}' if std is not None else '')
 
 
-def main_table(results: dict) -> tuple[str, dict]:
-  rows = ['| model | seeds | standard error % | PGD error % | certified error % | train time (s) '
-          '| bound iterations (mean/max) | L | paper CIFAR-10 standard / certified % |',
-          '|---|---|---|---|---|---|---|---|---|']
-  summary = {}
-  for key, label in NAMES.items():
-    runs = [r for name, r in results.items() if name.startswith(f'{key}_s')]
-    if not runs:
-      continue
-    stats = {m: _mean_std([r[m] for r in runs]) for m in METRICS}
-    summary[key] = stats
-    t = statistics.fmean(r.get('train_time_s', 0) for r in runs)
-    its = (f'{statistics.fmean(r["deq_iterations_mean"] for r in runs):.1f} / '
-           f'{max(r["deq_iterations_max"] for r in runs):.0f}') if 'deq_iterations_mean' in runs[0] else '–'
-    lip = f'{max(r["deq_lipschitz"] for r in runs):.3f}' if 'deq_lipschitz' in runs[0] else '–'
-    paper = PAPER[key]
-    rows.append(f'| {label} | {len(runs)} | {_fmt(stats["standard_error"])} | '
-                f'{_fmt(stats["pgd_error"])} | {_fmt(stats["certified_error"])} | {t:.0f} | '
-                f'{its} | {lip} | {paper[0]:.2f} / {paper[1]:.2f} |')
-  return '\n'.join(rows), summary
+def summarize(runs: dict[str, dict]) -> dict[str, dict]:
+  """Per group: seeds, mean/std of every metric and of the training time, and
+  the per-seed rows."""
+  groups: dict[str, list] = {}
+  for name, r in sorted(runs.items()):
+    groups.setdefault(group_of(name), []).append((name, r))
+  out = {}
+  for group, members in groups.items():
+    rs = [r for _, r in members]
+    out[group] = {
+        'seeds': [r['config']['seed'] for r in rs],
+        **{m: mean_std([r[m] for r in rs]) for m in METRICS},
+        'train_time_s': mean_std([r.get('train_time_s', 0.0) for r in rs]),
+        'certified_but_broken': sum(r['certified_but_broken'] for r in rs),
+        'per_seed': [{'run': n, 'seed': r['config']['seed'], 'steps': r['steps'],
+                      'epochs': r['config']['epochs'], 'train_time_s': r.get('train_time_s'),
+                      **{m: r[m] for m in METRICS},
+                      **{k: r[k] for k in ('deq_iterations_mean', 'deq_iterations_max',
+                                           'deq_lipschitz') if k in r}}
+                     for n, r in members]}
+  return out
 
 
-def depth_rows(results: dict) -> list[tuple[int, dict]]:
-  rows = []
-  for name, r in results.items():
-    if name.startswith('depth'):
-      rows.append((int(r['config']['depth']), r))
-  return sorted(rows, key=lambda x: x[0])
+def table(summary: dict[str, dict], runs: dict[str, dict]) -> list[str]:
+  rows = ['| run | seeds | standard error % | PGD error % | certified error % | '
+          'train time (min) | epochs | bound iterations (mean/max) |',
+          '|---|---|---|---|---|---|---|---|']
+  for group, s in summary.items():
+    seeds = s['per_seed']
+    its = '–'
+    if 'deq_iterations_mean' in seeds[0]:
+      its = (f'{statistics.fmean(p["deq_iterations_mean"] for p in seeds):.1f} / '
+             f'{max(p["deq_iterations_max"] for p in seeds):.0f}')
+    t = s['train_time_s']
+    rows.append(f'| {group} | {len(seeds)} | {fmt(s["standard_error"])} | '
+                f'{fmt(s["pgd_error"])} | {fmt(s["certified_error"])} | '
+                f'{t[0] / 60:.1f} | {seeds[0]["epochs"]:g} | {its} |')
+  rows += ['', '<details><summary>per seed</summary>', '',
+           '| run | standard % | PGD % | certified % | train time (min) | steps |',
+           '|---|---|---|---|---|---|']
+  for s in summary.values():
+    for p in s['per_seed']:
+      rows.append(f'| {p["run"]} | {p["standard_error"]:.2f} | {p["pgd_error"]:.2f} | '
+                  f'{p["certified_error"]:.2f} | {(p["train_time_s"] or 0) / 60:.1f} | '
+                  f'{p["steps"]} |')
+  rows += ['', '</details>', '']
+  commands = sorted({r.get('command', '') for r in runs.values()})
+  rows += ['Commands (`python -m experiments.study --plan=...` runs them):', '']
+  rows += [f'    {c}' for c in commands] + ['']
+  return rows
 
 
-def plot_depth(rows, summary, path):
+def claims(plans: dict[str, dict[str, dict]]) -> list[str]:
+  """Computed checks; a difference counts only if it exceeds the larger std."""
+  lines = []
+  main = plans.get('main', {})
+  if 'cerdeq' in main and 'cnn7' in main:
+    a, b = main['cerdeq']['certified_error'], main['cnn7']['certified_error']
+    spread = max(a[1] or 0.0, b[1] or 0.0)
+    verdict = ('holds' if b[0] - a[0] > spread else
+               'is reversed' if a[0] - b[0] > spread else 'is not decided (within the spread)')
+    lines.append(f'* Claim 1, CerDEQ certifies better than CNN-7: {fmt(a)} vs {fmt(b)} % '
+                 f'(difference {b[0] - a[0]:+.2f}, larger std {spread:.2f}) → {verdict}.')
+  ablation = plans.get('ablation', {})
+  for other in ('deq_sn', 'deq_wn'):
+    if 'cerdeq' in main and other in ablation:
+      a, b = main['cerdeq']['certified_error'], ablation[other]['certified_error']
+      lines.append(f'* Claim 2, CerDEQ (main plan, longer budget) vs {NAMES[other]} (ablation '
+                   f'plan): {fmt(a)} vs {fmt(b)} %.')
+  depth = sorted((int(re.sub(r'\D', '', g)), s) for g, s in plans.get('depth', {}).items())
+  if len(depth) >= 2:
+    errs = [s['certified_error'][0] for _, s in depth]
+    monotone = all(x <= y for x, y in zip(errs, errs[1:]))
+    lines.append('* Claim 3, deeper CNNs certify worse: ' + ', '.join(
+        f'{d} layers {e:.2f}' for (d, _), e in zip(depth, errs)) +
+        f' → {"monotone increase" if monotone else "not monotone"} here (one seed).')
+  return lines
+
+
+def plot_curves(runs: dict[str, dict], path: str) -> None:
+  """Per-epoch certified error (on the per-epoch subset) of every run."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  colours = {}
+  for name, r in sorted(runs.items()):
+    log = r.get('epochs_log', [])
+    if not log:
+      continue
+    group = group_of(name)
+    colour = colours.setdefault(group, f'C{len(colours)}')
+    ax.plot([e['step'] for e in log], [e['test_certified_error'] for e in log], '-',
+            color=colour, alpha=0.8, label=group if name.endswith('_s0') or '_s' not in name
+            else None)
+  ax.set_xlabel('training step'); ax.set_ylabel('certified error (%)')
+  ax.set_title('Fashion-MNIST, ε = 0.1 (per-epoch evaluation subset)'); ax.legend()
+  fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def plot_depth(depth_runs: dict[str, dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = sorted((r['config']['depth'], r) for r in depth_runs.values())
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  ax.plot([d for d, _ in rows], [r['certified_error'] for _, r in rows], 'o-',
-          label='CNN-BN (certified)')
-  ax.plot([d for d, _ in rows], [r['standard_error'] for _, r in rows], 's--', alpha=0.6,
-          label='CNN-BN (standard)')
-  if 'cerdeq' in summary:
-    ax.axhline(summary['cerdeq']['certified_error'][0], color='C3', label='CerDEQ (certified)')
+  for metric, style in (('certified_error', 'o-'), ('standard_error', 's--')):
+    ax.plot([d for d, _ in rows], [r[metric] for _, r in rows], style,
+            label=f'CNN-BN ({metric.split("_")[0]})')
   ax.set_xlabel('number of conv layers'); ax.set_ylabel('test error (%)')
   ax.set_title('Fashion-MNIST, ε = 0.1'); ax.legend(); fig.tight_layout()
   fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def plot_spectra(results, path):
+def plot_spectra(runs: dict[str, dict], path: str) -> list[str]:
+  """Normalised singular values of each DEQ's trained W; returns a line per run."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for key in ('deq_wn', 'deq_sn', 'cerdeq'):
-    run = results.get(f'{key}_s0')
-    if run and 'hidden_singular_values' in run:
-      sv = sorted(run['hidden_singular_values'], reverse=True)
-      ax.semilogy(range(1, len(sv) + 1), [s / sv[0] for s in sv], 'o-', ms=3, label=NAMES[key])
+  lines = []
+  for name, r in sorted(runs.items()):
+    sv = sorted(r.get('hidden_singular_values', []), reverse=True)
+    if not sv:
+      continue
+    ax.semilogy(range(1, len(sv) + 1), [s / sv[0] for s in sv], 'o-', ms=3, label=name)
+    above = sum(s > 0.1 * sv[0] for s in sv)
+    lines.append(f'{name}: {above} of {len(sv)} singular values above 0.1 × the largest '
+                 f'(smallest/largest = {sv[-1] / sv[0]:.3g})')
   ax.set_xlabel('index'); ax.set_ylabel('singular value / largest')
-  ax.set_title('Spectrum of the trained DEQ weight W (flattened)'); ax.legend()
+  ax.set_title('Spectrum of the trained DEQ weight W (flattened)'); ax.legend(fontsize=7)
   fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-
-
-def effective_rank(sv, threshold=0.1) -> int:
-  """Number of singular values above ``threshold`` times the largest."""
-  return sum(s > threshold * max(sv) for s in sv)
+  return lines
 
 
 def main(argv):
   del argv
-  results = load(FLAGS.results_dir)
-  if not results:
-    raise SystemExit(f'error: no results in {FLAGS.results_dir}; run python -m experiments.study')
+  plans = load(FLAGS.results_dir)
+  if not plans:
+    raise SystemExit(f'error: no results in {FLAGS.results_dir}/<plan>/; '
+                     'run python -m experiments.study --plan=main')
   out_dir = os.path.dirname(FLAGS.out) or '.'
-  table, summary = main_table(results)
-  rows = depth_rows(results)
-  plot_depth(rows, summary, os.path.join(out_dir, 'results_depth.png'))
-  plot_spectra(results, os.path.join(out_dir, 'results_spectra.png'))
-  any_run = next(iter(results.values()))
+  order = [p for p in PLAN_ORDER if p in plans] + sorted(set(plans) - set(PLAN_ORDER))
+  summaries = {p: summarize(plans[p]) for p in order}
   lines = ['# Results: the paper\'s comparisons on Fashion-MNIST (CPU)', '',
-           'Generated by `python -m experiments.report` from the files in '
-           f'`{FLAGS.results_dir}/` (written by `python -m experiments.study`). Errors are on the '
-           f'full Fashion-MNIST test set ({any_run["examples"]} images) at ε = {any_run["eps"]} '
-           f'(pixel units); PGD: {any_run["config"]["pgd_steps"]} steps, '
-           f'{any_run["config"]["pgd_restarts"]} start(s). The paper\'s column is CIFAR-10 at ε = 8/255 '
-           '(70 epochs), quoted for the direction of the comparisons, not for the numbers.', '',
-           '## Budget, commands, machine', '',
-           f'* Machine: {any_run.get("platform", "cpu")}, {any_run.get("devices", 1)} device(s) '
-           '(a 2-core x86-64 VM without accelerator).',
-           '* Each run: `' + any_run.get('command', '') + '` (model and seed flags differ).', '',
-           '## DEQs against CNN-7 (claims 1 and 2)', '', table, '']
-  lines += ['## Certified error against depth (claim 3)', '',
-            '| conv layers | standard error % | PGD error % | certified error % | train time (s) |',
-            '|---|---|---|---|---|']
-  for d, r in rows:
-    lines.append(f'| {d} | {r["standard_error"]:.2f} | {r["pgd_error"]:.2f} | '
-                 f'{r["certified_error"]:.2f} | {r.get("train_time_s", 0):.0f} |')
-  lines += ['', '![certified error against depth](results_depth.png)', '',
-            '## Singular values of the trained W', '',
-            '![spectra](results_spectra.png)', '']
-  ranks = []
-  for key in ('deq_wn', 'deq_sn', 'cerdeq'):
-    run = results.get(f'{key}_s0')
-    if run and 'hidden_singular_values' in run:
-      sv = run['hidden_singular_values']
-      ranks.append(f'{NAMES[key]}: {effective_rank(sv)} of {len(sv)} singular values above '
-                   f'0.1 × the largest (smallest/largest = {min(sv) / max(sv):.3g})')
-  lines += ['* ' + r for r in ranks] + ['']
-  lines += ['## Claim checks (computed)', '']
-  if 'cerdeq' in summary and 'cnn7' in summary:
-    a, b = summary['cerdeq']['certified_error'][0], summary['cnn7']['certified_error'][0]
-    lines.append(f'* Claim 1, CerDEQ < CNN-7 in certified error: {a:.2f} vs {b:.2f} → '
-                 f'{"holds" if a < b else "does not hold"} here.')
-  for other in ('deq_sn', 'deq_wn'):
-    if 'cerdeq' in summary and other in summary:
-      a, b = summary['cerdeq']['certified_error'][0], summary[other]['certified_error'][0]
-      lines.append(f'* Claim 2, CerDEQ < {NAMES[other]}: {a:.2f} vs {b:.2f} → '
-                   f'{"holds" if a < b else "does not hold"} here.')
-  if len(rows) >= 2:
-    errs = [r['certified_error'] for _, r in rows]
-    increasing = all(x <= y for x, y in zip(errs, errs[1:]))
-    by_depth = ', '.join(f'{d}: {r["certified_error"]:.2f}' for d, r in rows)
-    lines.append(f'* Claim 3, deeper CNNs certify worse: certified error by depth {by_depth} → '
-                 f'{"monotone increase" if increasing else "not monotone"} here.')
+           'Generated by `python -m experiments.report` from `docs/results/<plan>/*.json` '
+           '(written by `python -m experiments.study --plan=<plan>`). ε = 0.1 in pixel units; '
+           'errors in %, mean ± sample std over seeds; PGD: 10 steps, 1 start. Time-budgeted '
+           'plans give each run the same training wall-clock on the idle machine (steps = '
+           'budget / idle step time, `docs/results/calibration.json`); the measured training '
+           'time of each run is in the tables. The paper\'s numbers are CIFAR-10 at ε = 8/255 '
+           '(70 epochs), quoted for direction only: ' + ', '.join(
+               f'{NAMES[k]} {v[0]:.2f} / {v[1]:.2f}' for k, v in PAPER.items()) + '.', '']
+  all_runs = {}
+  for plan in order:
+    split = {r.get('split', 'test') for r in plans[plan].values()}
+    title = next(iter(plans[plan].values())).get('plan_description', '')
+    lines += [f'## Plan `{plan}`: {title}', '',
+              f'Evaluated on the {"/".join(sorted(split))} split '
+              f'({next(iter(plans[plan].values()))["examples"]} images).', '']
+    lines += table(summaries[plan], plans[plan])
+    if plan in ('main', 'ablation'):
+      all_runs.update({f'{n}': r for n, r in plans[plan].items()})
+  if all_runs:
+    plot_curves(all_runs, os.path.join(out_dir, 'results_curves.png'))
+    lines += ['## Figures', '', '![certified error during training](results_curves.png)', '']
+    spectra = plot_spectra(all_runs, os.path.join(out_dir, 'results_spectra.png'))
+    if spectra:
+      lines += ['![spectra](results_spectra.png)', ''] + ['* ' + s for s in spectra] + ['']
+  if 'depth' in plans:
+    plot_depth(plans['depth'], os.path.join(out_dir, 'results_depth.png'))
+    lines += ['![certified error against depth](results_depth.png)', '']
+  lines += ['## Claim checks (computed)', ''] + claims(summaries) + ['']
+  broken = sum(s['certified_but_broken'] for p in summaries.values() for s in p.values())
+  lines += [f'* Soundness: certified samples broken by PGD, all runs together: {broken}.', '']
   discussion = os.path.join(out_dir, 'results_discussion.md')
   if os.path.exists(discussion):
-    lines += ['', open(discussion).read()]
+    lines += [open(discussion).read()]
   with open(FLAGS.out, 'w') as f:
     f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(FLAGS.results_dir, 'summary.json'), 'w') as f:
+    json.dump(summaries, f, indent=1)
   print(f'wrote {FLAGS.out}')
 
 

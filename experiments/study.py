@@ -191,7 +191,8 @@ def main(argv):
     result = _load_json(done)
     metrics = os.path.join(workdir, 'metrics.jsonl')
     result['epochs_log'] = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []
-    result.update(plan=FLAGS.plan, run=run.name, budget_minutes=plan.minutes,
+    result.update(plan=FLAGS.plan, plan_description=plan.description, run=run.name,
+                  budget_minutes=plan.minutes,
                   command='python -m experiments.fashion_mnist ' + ' '.join(
                       [*args, *budget, f'--seed={run.seed}']))
     _save_json(os.path.join(out_dir, f'{run.name}.json'), result)
