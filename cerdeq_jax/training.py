@@ -9,7 +9,7 @@ applied after the optimiser update, inside the step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -35,8 +35,17 @@ class CertifiedTraining:
   smooth ramp over ``eps_length_epochs``, then ``eps``. ``loss`` is
   ``'fast_ibp'`` (natural loss while ε = 0, then the pure IBP loss) or
   ``'mixed'`` (``κ·CE_nat + (1-κ)·CE_rob``, κ from ``kappa_start`` to
-  ``kappa_end`` over the ramp). ``reg_lambda`` weighs the Fast-IBP warm-up
-  regularisers (0 disables them).
+  ``kappa_end`` over the ramp).
+
+  Fast-IBP warm-up regularisers (`losses.warmup_regulariser`, τ =
+  ``reg_tau``), as in the published train.py (lines 60-97): on from the first
+  step through the last step of epoch ``eps_start_epochs + eps_length_epochs
+  - 1`` (0-based; the published ``t <= start + length - 1``, argparser.py:
+  108, with 1-based epochs and ``start = eps_start_epochs + 1``), with weight
+  ``reg_lambda * (1 - ε/eps)``. While the scheduled ε is 0 the bounds are
+  taken at ``reg_min_eps`` (published ``--min-eps-reg``, certified.py:66-67)
+  and the loss is the natural one plus the regulariser. ``reg_lambda = 0``
+  (or ``eps = 0``) turns them off.
   """
   eps: float
   mean: tuple[float, ...]
@@ -49,6 +58,7 @@ class CertifiedTraining:
   kappa_end: float = 0.5
   reg_lambda: float = 0.5
   reg_tau: float = 0.5
+  reg_min_eps: float = 1e-6
   parametrization: parametrize.Parametrization | None = None
 
   def __post_init__(self):
@@ -66,8 +76,34 @@ class CertifiedTraining:
                            self.eps_length_epochs, self.kappa_start, self.kappa_end)
 
   def is_certified_step(self, step: int) -> bool:
-    """Host-side: whether ``step`` trains on bounds (ε > 0)."""
+    """Host-side: whether the loss at ``step`` is on bounds (ε > 0)."""
     return float(self.epsilon(step)) > 0
+
+  def is_regularised_step(self, step: int) -> bool:
+    """Host-side: whether ``step`` adds the warm-up regularisers (by epoch,
+    as published: through epoch ``eps_start_epochs + eps_length_epochs - 1``)."""
+    epoch = int(step) // self.steps_per_epoch
+    return (self.reg_lambda > 0 and self.eps > 0
+            and epoch < self.eps_start_epochs + self.eps_length_epochs)
+
+  def step_kind(self, step: int) -> 'StepKind':
+    """Which compiled train step runs at ``step``: a pure function of the
+    step, so that a resumed run takes the same steps as an uninterrupted one."""
+    return StepKind(self.is_certified_step(step), self.is_regularised_step(step))
+
+
+class StepKind(NamedTuple):
+  """The static variant of a train step. ``certified``: the loss is on the
+  bounds at the scheduled ε > 0 (else the natural loss); ``regularised``: the
+  warm-up regularisers are added (their bounds then run even when not
+  ``certified``)."""
+  certified: bool
+  regularised: bool
+
+  @property
+  def bounds(self) -> bool:
+    """Whether the step runs the interval pass."""
+    return self.certified or self.regularised
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -130,35 +166,38 @@ def deq_summary(stats: list) -> dict:
           'deq_lipschitz': jnp.max(cat('lipschitz'))}
 
 
-def _loss_fn(params, state: TrainState, batch, model, cfg: CertifiedTraining, certified: bool):
+def _loss_fn(params, state: TrainState, batch, model, cfg: CertifiedTraining, kind: StepKind):
   x, labels = batch['image'], batch['label']
   variables = state.variables(params)
   metrics = {}
-  if not certified:
+  if not kind.bounds:
     logits, cols = model.apply(variables, x, train=True, mutable=['batch_stats', 'deq_stats'])
     loss = losses.natural_cross_entropy(logits, labels)
     metrics['deq'] = deq_summary(sown(cols.get('deq_stats'), 'nominal'))
   else:
     eps = cfg.epsilon(state.step)
-    box = linf_ball(x, eps, cfg.mean, cfg.std)
-    (logits, margins), cols = clean_and_bounds(
-        model, variables, x, box, labels, train=True,
-        mutable=['batch_stats', 'preactivations', 'deq_stats'])
+    # The warm-up's bounds at ε = 0 would be points: take them at a tiny ε.
+    box = linf_ball(x, eps if kind.certified else cfg.reg_min_eps, cfg.mean, cfg.std)
+    mutable = ['batch_stats', 'deq_stats'] + (['preactivations'] if kind.regularised else [])
+    (logits, margins), cols = clean_and_bounds(model, variables, x, box, labels, train=True,
+                                               mutable=mutable)
     natural = losses.natural_cross_entropy(logits, labels)
     robust = losses.robust_cross_entropy(margins)
-    if cfg.loss == 'mixed':
+    if not kind.certified:
+      loss = natural
+    elif cfg.loss == 'mixed':
       loss = losses.mixed_loss(natural, robust, cfg.kappa(state.step))
     else:
       loss = robust
     metrics.update(natural_loss=natural, robust_loss=robust, eps=eps,
                    train_certified=jnp.mean(ibp.certified(margins, labels)))
-    if cfg.reg_lambda > 0:
+    if kind.regularised:
       pre = sown(cols.get('preactivations'))
-      reg = (losses.tightness_regulariser(box, pre, cfg.reg_tau)
-             + losses.relu_balance_regulariser(pre, cfg.reg_tau))
-      weight = losses.warmup_weight(eps, max(cfg.eps, 1e-12), cfg.reg_lambda)
-      loss = loss + weight * reg
-      metrics['regulariser'] = reg
+      tightness = losses.tightness_regulariser(box, pre, cfg.reg_tau)
+      balance = losses.relu_balance_regulariser(pre, cfg.reg_tau)
+      loss = loss + losses.warmup_weight(eps, cfg.eps, cfg.reg_lambda) * (tightness + balance)
+      metrics.update(regulariser=tightness + balance, reg_tightness=tightness,
+                     reg_relu_balance=balance)
     metrics['deq'] = deq_summary(sown(cols.get('deq_stats'), 'interval'))
   metrics['train_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
   metrics['loss'] = loss
@@ -166,10 +205,11 @@ def _loss_fn(params, state: TrainState, batch, model, cfg: CertifiedTraining, ce
 
 
 def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               cfg: CertifiedTraining, certified: bool):
-  """One optimiser step; ``certified`` (static) selects the bound loss."""
+               cfg: CertifiedTraining, kind: StepKind):
+  """One optimiser step; ``kind`` (static) selects natural / bound loss and
+  the warm-up regularisers (`CertifiedTraining.step_kind`)."""
   grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
-  (_, (batch_stats, metrics)), grads = grad_fn(state.params, state, batch, model, cfg, certified)
+  (_, (batch_stats, metrics)), grads = grad_fn(state.params, state, batch, model, cfg, kind)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   spectral = state.spectral
@@ -243,24 +283,28 @@ class Steps:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, cfg: CertifiedTraining,
                mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1):
     self.cfg, self.mesh = cfg, mesh
+    self._model, self._tx = model, tx
     data = NamedSharding(mesh, P(DATA_AXIS))
     repl = NamedSharding(mesh, P())
-
-    def compile_train(certified):
-      fn = lambda s, b: train_step(s, b, model=model, tx=tx, cfg=cfg, certified=certified)
-      return jax.jit(fn, in_shardings=(repl, data), out_shardings=(repl, repl),
-                     donate_argnums=0)
-
-    self._train = {False: compile_train(False), True: compile_train(True)}
+    self._train_shardings = dict(in_shardings=(repl, data), out_shardings=(repl, repl))
+    self._train: dict[StepKind, Any] = {}
     self._eval = jax.jit(
         lambda s, b, k, eps: eval_step(s, b, k, model=model, cfg=cfg, eps=eps,
                                        pgd_steps=pgd_steps, pgd_restarts=pgd_restarts),
         in_shardings=(repl, data, repl, repl), out_shardings=repl)
 
+  def compiled_train(self, kind: StepKind):
+    """The jitted train step of ``kind`` (built on first use: a run compiles
+    only the kinds its schedule reaches)."""
+    if kind not in self._train:
+      fn = lambda s, b: train_step(s, b, model=self._model, tx=self._tx, cfg=self.cfg, kind=kind)
+      self._train[kind] = jax.jit(fn, donate_argnums=0, **self._train_shardings)
+    return self._train[kind]
+
   def train(self, state: TrainState, local_batch: dict, step: int):
     """``step`` is the host's copy of ``state.step`` (no device sync needed)."""
-    certified = self.cfg.is_certified_step(step)
-    return self._train[certified](state, global_batch(self.mesh, local_batch))
+    return self.compiled_train(self.cfg.step_kind(step))(
+        state, global_batch(self.mesh, local_batch))
 
   def evaluate(self, state: TrainState, local_batch: dict, key, eps: float) -> dict:
     return self._eval(state, global_batch(self.mesh, local_batch), key,

@@ -135,7 +135,7 @@ def train(repeats: int, batch_size: int) -> dict:
                                                          x[:1], cfg.parametrization))
     out = {}
     for certified in (False, True):
-      step_fn = steps._train[certified]  # pylint: disable=protected-access
+      step_fn = steps.compiled_train(training.StepKind(certified=certified, regularised=False))
       gb = training.global_batch(mesh, batch)
       holder = [state]
 

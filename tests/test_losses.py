@@ -104,38 +104,117 @@ def test_tightness_regulariser_by_hand():
   assert float(losses.tightness_regulariser(inp, above, tau)) == 0.0
   # And it grows once a ratio falls below tau.
   assert float(losses.tightness_regulariser(inp, [_box(0.21)], tau)) > 0.0
+  # A point layer (radius 0): t is clamped to 1e-12, the ratio is huge, hinge 0.
+  assert float(losses.tightness_regulariser(inp, [_box(0.0)], tau)) == 0.0
   # No ReLU layers: zero.
   assert float(losses.tightness_regulariser(inp, [], tau)) == 0.0
 
 
-def _balance_by_hand(centres, tau):
-  c = np.asarray(centres, np.float64)
-  pos, neg = np.maximum(c, 0), np.maximum(-c, 0)
-  ratio = lambda a, b: min(a / b, b / a)
-  return (max(0.0, tau - ratio(pos.mean(), neg.mean())) / tau
-          + max(0.0, tau - ratio(pos.var(), neg.var())) / tau)
+def _bounds(pairs):
+  """``[(lower, upper), ...]`` -> Interval of shape (n,)."""
+  lo, up = np.asarray(pairs, np.float32).T
+  return Interval(jnp.asarray(lo), jnp.asarray(up))
 
 
-def test_relu_balance_regulariser_by_hand():
+# Worked by hand from the published definition (regularization.py, compute_reg):
+# (l, u) -> centre c; A = [l > 0], I = [u < 0].
+#   (3, 5) c=4 active; (-1.5, -0.5) c=-1 inactive; (-2, 2) c=0; (-1, 3) c=1
+#   (c > 0 but l < 0: neither mask).
+#   mean_act = 4/4 = 1, mean_inact = -1/4 -> ratio 4, folded 1/4:
+#     relu(0.5 - 0.25)/0.5 = 0.5.
+#   mean(c) = (4 - 1 + 0 + 1)/4 = 1; (c - 1)^2 = 9, 4, 1, 0:
+#     var_act = 9, var_inact = 4 -> ratio 4/9: relu(0.5 - 4/9)/0.5 = 1/9.
+#   term = 0.5 + 1/9.
+LAYER_A = [(3.0, 5.0), (-1.5, -0.5), (-2.0, 2.0), (-1.0, 3.0)]
+TERM_A = 0.5 + 1 / 9
+# No inactive unit: the published mean ratio is mean_act / -0.0 = -inf -> skipped.
+LAYER_NO_INACTIVE = [(1.0, 2.0), (-1.0, 1.0)]
+# No active unit: mean ratio 0 and variance ratio 0 -> full penalty 1 + 1 = 2.
+#   c = -1.5, 0; inactive: (-2, -1) only.
+LAYER_NO_ACTIVE = [(-2.0, -1.0), (-1.0, 1.0)]
+
+
+def _balance_reference(lower, upper, tau):
+  """The published per-layer term in float64 NumPy, IEEE semantics included
+  (``-mean_inact`` is ``-0.0`` when no unit is inactive); None if skipped."""
+  lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+  c = (lower + upper) / 2
+  act, inact = (lower > 0).astype(np.float64), (upper < 0).astype(np.float64)
+  mean_act, mean_inact = np.mean(c * act), np.mean(c * inact) + 0.0  # + 0.0: no -0.0 sum
+  d = (c - c.mean()) ** 2
+  with np.errstate(divide='ignore', invalid='ignore'):
+    mean_r = mean_act / -mean_inact
+    var_r = np.sum(d * act) / np.sum(d * inact)
+    fold = lambda r: np.minimum(r, 1 / np.maximum(r, 1e-12))
+    term = (max(tau - fold(mean_r), 0) + max(tau - fold(var_r), 0)) / tau
+  return term if np.isfinite(term) else None
+
+
+def test_relu_balance_term_worked_by_hand():
   tau = 0.5
-  balanced = Interval.from_centre_radius(jnp.array([1.0, -1.0, 2.0, -2.0]), 0.3)
-  np.testing.assert_allclose(losses.relu_balance_regulariser([balanced], tau), 0.0, atol=1e-6)
-  skewed_c = jnp.array([3.0, 1.0, -1.0, 1.0])
-  skewed = Interval.from_centre_radius(skewed_c, 0.5)
-  # means 1.25 vs 0.25 -> ratio 0.2; variances 1.1875 vs 0.1875 -> ratio 0.158.
-  expected = _balance_by_hand(skewed_c, tau)
-  np.testing.assert_allclose(expected, (0.5 - 0.2) / 0.5 + (0.5 - 0.1875 / 1.1875) / 0.5)
-  np.testing.assert_allclose(losses.relu_balance_regulariser([skewed], tau), expected, rtol=1e-5)
-  # Averaged over layers; only the centres matter (not the radii).
-  np.testing.assert_allclose(losses.relu_balance_regulariser([balanced, skewed], tau),
-                             expected / 2, rtol=1e-5)
-  wider = Interval.from_centre_radius(skewed_c, 5.0)
-  np.testing.assert_allclose(losses.relu_balance_regulariser([wider], tau), expected, rtol=1e-5)
-  # Hinge 0 when both ratios are above tau (a mildly unbalanced layer).
-  mild_c = jnp.array([1.0, -0.8, 1.5, -1.2, 0.5, -0.6])
-  assert _balance_by_hand(mild_c, tau) == 0.0
-  assert float(losses.relu_balance_regulariser([Interval(mild_c, mild_c)], tau)) == 0.0
+  term, counted = losses.relu_balance_term(_bounds(LAYER_A), tau)
+  np.testing.assert_allclose(term, TERM_A, rtol=1e-6)
+  assert bool(counted)
+  np.testing.assert_allclose(_balance_reference(*np.asarray(LAYER_A).T, tau), TERM_A)
+  term, counted = losses.relu_balance_term(_bounds(LAYER_NO_INACTIVE), tau)
+  assert not bool(counted) and float(term) == 0.0
+  assert _balance_reference(*np.asarray(LAYER_NO_INACTIVE).T, tau) is None
+  term, counted = losses.relu_balance_term(_bounds(LAYER_NO_ACTIVE), tau)
+  assert bool(counted) and float(term) == pytest.approx(2.0)
+  assert _balance_reference(*np.asarray(LAYER_NO_ACTIVE).T, tau) == pytest.approx(2.0)
+  # Means and variances pool the batch with the features: a (2, 2) layout of
+  # the same four units gives the same term.
+  lo, up = np.asarray(LAYER_A, np.float32).T
+  term, _ = losses.relu_balance_term(Interval(lo.reshape(2, 2), up.reshape(2, 2)), tau)
+  np.testing.assert_allclose(term, TERM_A, rtol=1e-6)
+  # Only the masks and centres matter: widening the unstable units changes nothing.
+  wider = [(3.0, 5.0), (-1.5, -0.5), (-7.0, 7.0), (-4.0, 6.0)]
+  np.testing.assert_allclose(losses.relu_balance_term(_bounds(wider), tau)[0], TERM_A, rtol=1e-6)
+
+
+def test_relu_balance_regulariser_averages_over_all_relu_layers():
+  tau = 0.5
+  layers_ = [_bounds(LAYER_A), _bounds(LAYER_NO_INACTIVE), _bounds(LAYER_NO_ACTIVE)]
+  # The skipped layer adds nothing but still counts in the denominator.
+  np.testing.assert_allclose(losses.relu_balance_regulariser(layers_, tau),
+                             (TERM_A + 0.0 + 2.0) / 3, rtol=1e-6)
   assert float(losses.relu_balance_regulariser([], tau)) == 0.0
+  # Balanced layer: equal means and variances of the two parts -> 0.
+  balanced = Interval.from_centre_radius(jnp.array([1.0, -1.0, 2.0, -2.0]), 0.3)
+  assert float(losses.relu_balance_regulariser([balanced], tau)) == pytest.approx(0.0, abs=1e-7)
+  # The gradient is finite, also through a skipped layer.
+  grad = jax.grad(lambda s: losses.relu_balance_regulariser(
+      [Interval(b.lower * s, b.upper * s) for b in layers_], tau))(1.0)
+  assert np.isfinite(float(grad))
+  grad_skipped = jax.grad(lambda lo: losses.relu_balance_regulariser(
+      [Interval(lo, _bounds(LAYER_NO_INACTIVE).upper)], tau))(_bounds(LAYER_NO_INACTIVE).lower)
+  np.testing.assert_array_equal(grad_skipped, 0.0)
+
+
+def test_relu_balance_regulariser_matches_numpy_reference_on_random_layers():
+  tau = 0.5
+  rng = np.random.default_rng(3)
+  layers_, terms = [], []
+  for shift in (-1.0, -0.3, 0.0, 0.4, 1.2, 3.0):  # from mostly inactive to all active
+    c = rng.normal(shift, 1.0, size=(4, 7)).astype(np.float32)
+    r = np.abs(rng.normal(0.0, 0.5, size=(4, 7))).astype(np.float32)
+    lo, up = c - r, c + r
+    layers_.append(Interval(jnp.asarray(lo), jnp.asarray(up)))
+    ref = _balance_reference(lo, up, tau)
+    terms.append(0.0 if ref is None else ref)
+    term, counted = losses.relu_balance_term(layers_[-1], tau)
+    assert bool(counted) == (ref is not None)
+    np.testing.assert_allclose(term, terms[-1], rtol=1e-4, atol=1e-6)
+  assert any(t > 0 for t in terms)
+  np.testing.assert_allclose(losses.relu_balance_regulariser(layers_, tau), np.mean(terms),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_regulariser_is_tightness_plus_balance():
+  inp, pre = _box(0.1), [_bounds(LAYER_A), _bounds(LAYER_NO_ACTIVE)]
+  np.testing.assert_allclose(
+      losses.warmup_regulariser(inp, pre, 0.5),
+      losses.tightness_regulariser(inp, pre, 0.5) + (TERM_A + 2.0) / 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize('eps,expected', [(0.0, 0.5), (8 / 255 / 2, 0.25), (8 / 255, 0.0)])

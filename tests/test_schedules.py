@@ -2,7 +2,8 @@
 
 The reference for the ε ramp is the ``SmoothedScheduler`` of auto_LiRPA (used
 by Fast-IBP), rewritten here from its formula in steps: exponent ``beta`` up
-to the mid step, then linear, with matching value and slope.
+to the mid step (a whole step: ``int(length_steps * mid) + init_step``), then
+linear, with matching value and slope; ε = 0 up to ``init_step`` included.
 """
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ def eps_at(step):
 
 def smoothed_scheduler(step, init_step, end_step, final, mid_point=0.25, beta=4.0):
   """auto_LiRPA's SmoothedScheduler, from 0 to ``final`` (float64)."""
-  mid_step = (end_step - init_step) * mid_point + init_step
+  mid_step = int((end_step - init_step) * mid_point) + init_step
   t = (mid_step - init_step) ** (beta - 1.0)
   alpha = final / ((end_step - mid_step) * beta * t + (mid_step - init_step) * t)
   mid_value = alpha * (mid_step - init_step) ** beta
@@ -49,6 +50,24 @@ def test_epsilon_matches_the_smoothed_scheduler():
   for step in [0, 50, 100, 101, 150, 300, 599, 600, 601, 1000, 1999, 2100, 2500]:
     np.testing.assert_allclose(eps_at(step), smoothed_scheduler(step, init, end, EPS),
                                rtol=1e-5, atol=1e-9, err_msg=f'step {step}')
+
+
+def test_epsilon_mid_step_is_a_whole_step():
+  """21 ramp steps: the published mid step is int(21 * 0.25) = 5 steps in,
+  not 5.25, and alpha follows from it."""
+  spe, start, length = 7, 1, 3
+  init, end = start * spe, (start + length) * spe
+  got = lambda step: float(schedules.epsilon(step, EPS, spe, start, length))
+  for step in range(0, end + 3):
+    np.testing.assert_allclose(got(step), smoothed_scheduler(step, init, end, EPS),
+                               rtol=1e-5, atol=1e-12, err_msg=f'step {step}')
+  # By hand: m = 5/21; alpha * 21^4 = 1 / (m^3 (4 - 4m + m)); at the mid step
+  # ε = eps * m^4 * that = eps * m / (4 - 3m).
+  m = 5 / 21
+  np.testing.assert_allclose(got(init + 5), EPS * m / (4 - 3 * m), rtol=1e-5)
+  assert schedules.mid_fraction(spe, length) == m
+  # A ramp too short for a mid step (3 * 0.25 < 1) is linear.
+  np.testing.assert_allclose(float(schedules.epsilon(2, EPS, 1, 0, 3)), EPS * 2 / 3, rtol=1e-6)
 
 
 def test_epsilon_mid_point_value():

@@ -5,8 +5,9 @@ The training runs happen in subprocesses (`helpers_training.worker`), started
 together by the module fixture ``runs`` so that they share the two cores:
 
 * ``ref``: 1 device, 60 steps of a tiny CerDEQ on the quadrant data (steps
-  0-4 natural, 5-8 on the ε ramp, then ε = 0.1), snapshot after 7 steps,
-  then the evaluation and the strong-PGD check;
+  0-4 the ε = 0 warm-up: natural loss + regularisers on bounds at ε = 1e-6;
+  5-8 on the ε ramp, regularised through step 7; then ε = 0.1), snapshot
+  after 7 steps, then the evaluation and the strong-PGD check;
 * ``sharded``: the first 7 steps on 8 forced CPU devices;
 * ``multi``: the first 7 steps as 2 processes (1 CPU device each) through
   `jax.distributed`, each feeding its half of every global batch;
@@ -14,6 +15,7 @@ together by the module fixture ``runs`` so that they share the two cores:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,7 +23,7 @@ import pytest
 
 import helpers_training as h
 
-SNAPSHOT = 7           # 5 natural steps (0-4) and 2 certified ones (5, 6)
+SNAPSHOT = 7           # 5 warm-up steps (0-4) and 2 certified ones (5, 6), all regularised
 REF_STEPS = 60
 EPS = 0.1
 # Evaluation radii: the training one, one where only part is certified, and
@@ -96,6 +98,147 @@ def test_certified_training_rejects_unknown_loss():
   # The valid ones are accepted.
   for loss in ('fast_ibp', 'mixed'):
     training.CertifiedTraining(eps=0.1, mean=(0.,), std=(1.,), steps_per_epoch=1, loss=loss)
+
+
+def test_step_kind_follows_the_published_schedule():
+  """spe 3, start 1, length 2 (published ``start=2,length=2``): ε = 0 up to
+  step 3 included -> warm-up steps (natural loss + regularisers); steps 4-8
+  (epochs 1-2) certified + regularisers (``t <= start + length - 1``); from
+  step 9 certified only. A pure function of the step."""
+  from cerdeq_jax import training
+  cfg = training.CertifiedTraining(eps=0.1, mean=(0.,), std=(1.,), steps_per_epoch=3,
+                                   eps_start_epochs=1, eps_length_epochs=2)
+  kinds = [cfg.step_kind(s) for s in range(12)]
+  warm, ramp, plain = (training.StepKind(False, True), training.StepKind(True, True),
+                       training.StepKind(True, False))
+  assert kinds == [warm] * 4 + [ramp] * 5 + [plain] * 3
+  assert [cfg.step_kind(s) for s in reversed(range(12))] == kinds[::-1]
+  assert warm.bounds and ramp.bounds and plain.bounds
+  # No regulariser: the plain natural step (no bounds) while ε = 0.
+  off = training.CertifiedTraining(eps=0.1, mean=(0.,), std=(1.,), steps_per_epoch=3,
+                                   eps_start_epochs=1, eps_length_epochs=2, reg_lambda=0.0)
+  assert [off.step_kind(s) for s in (0, 3, 4, 9)] == [
+      (False, False), (False, False), (True, False), (True, False)]
+  assert not off.step_kind(0).bounds
+  # ε = 0 runs are natural throughout.
+  nat = training.CertifiedTraining(eps=0.0, mean=(0.,), std=(1.,), steps_per_epoch=3)
+  assert {nat.step_kind(s) for s in range(0, 200, 7)} == {(False, False)}
+
+
+class _DenseBN:
+  """flatten -> dense 5 -> BatchNorm -> ReLU -> elided dense 3, and the same
+  network's losses in float64 NumPy from the definitions (clean-batch BN
+  moments for the bounds; IBP by centre/radius)."""
+  MEAN, STD = (0.2,), (0.3,)
+
+  @staticmethod
+  def module():
+    import flax.linen as nn
+    from cerdeq_jax import layers
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False, labels=None):
+        x = layers.Dense(5)(layers.Flatten()(x))
+        x = layers.ReLU()(layers.BatchNorm(use_running_average=not train)(x))
+        return layers.ElidedDense(3)(x, labels)
+    return Net()
+
+  @classmethod
+  def losses(cls, params, x, labels, eps, tau=0.5):
+    """``(natural CE, robust CE, tightness + ReLU balance)`` at bound radius ``eps``."""
+    from test_losses import _balance_reference
+    f64 = lambda a: np.asarray(a, np.float64)
+    p = {k: {n: f64(v) for n, v in d.items()} for k, d in params.items()}
+    w1, b1 = p['Dense_0']['kernel'], p['Dense_0']['bias']
+    g, beta = p['BatchNorm_0']['scale'], p['BatchNorm_0']['bias']
+    w2, b2 = p['ElidedDense_0']['kernel'], p['ElidedDense_0']['bias']
+    n = x.shape[0]
+    x = f64(x).reshape(n, -1)
+    mean, std = cls.MEAN[0], cls.STD[0]
+    lo = np.maximum(x - eps / std, (0 - mean) / std)   # the ball, clipped to [0, 1] pixels
+    hi = np.minimum(x + eps / std, (1 - mean) / std)
+    h = x @ w1 + b1
+    mu, var = h.mean(0), h.var(0)                       # clean batch, biased
+    mul = g / np.sqrt(var + 1e-5)
+    logits = np.maximum(mul * (h - mu) + beta, 0) @ w2 + b2
+    ce = lambda z, y: np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(n), y])
+    pre_c = mul * ((lo + hi) / 2 @ w1 + b1 - mu) + beta
+    pre_r = np.abs(mul) * ((hi - lo) / 2 @ np.abs(w1))
+    zl, zu = np.maximum(pre_c - pre_r, 0), np.maximum(pre_c + pre_r, 0)
+    margins = np.zeros((n, 3))
+    for i, y in enumerate(labels):
+      for j in range(3):
+        c = w2[:, y] - w2[:, j]
+        margins[i, j] = np.maximum(c, 0) @ zl[i] + np.minimum(c, 0) @ zu[i] + b2[y] - b2[j]
+    robust = np.mean(np.log(np.exp(-margins).sum(1)))
+    tight = max(tau - np.mean((hi - lo) / 2) / np.mean(pre_r), 0) / tau
+    balance = _balance_reference(pre_c - pre_r, pre_c + pre_r, tau) or 0.0
+    return ce(logits, labels), robust, tight + balance
+
+
+@pytest.mark.parametrize('loss', ['fast_ibp', 'mixed'])
+def test_train_step_loss_of_each_step_kind(loss):
+  """The loss each compiled step minimises, against `_DenseBN.losses`:
+  warm-up (step 0, ε = 0): CE_nat + λ·reg, reg on bounds at ε = 1e-6;
+  ramp (step 4): CE_rob(ε) (or κ-mixed) + λ(1 - ε/ε_max)·reg(ε);
+  after the regularised epochs (step 9): CE_rob(ε_max) (or κ-mixed)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from cerdeq_jax import training
+  net, lam, eps_max = _DenseBN.module(), 0.5, 0.1
+  cfg = training.CertifiedTraining(eps=eps_max, mean=_DenseBN.MEAN, std=_DenseBN.STD,
+                                   steps_per_epoch=3, eps_start_epochs=1, eps_length_epochs=2,
+                                   loss=loss, reg_lambda=lam)
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(0.0, 1.0, (8, 2, 2, 1))
+  x = jnp.asarray((pixels - 0.2) / 0.3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, 8), jnp.int32)
+  tx = optax.sgd(0.0)
+  state = training.init_state(net, tx, jax.random.PRNGKey(1), x[:1])
+  # BN scale 3 (bounds 3x wider than at init: the tightness hinge is on) and
+  # bias -0.5 (mostly inactive units: the balance term is on).
+  bn = {'scale': jnp.full((5,), 3.0), 'bias': jnp.full((5,), -0.5)}
+  state = state.replace(params={**state.params, 'BatchNorm_0': bn})
+  params = jax.device_get(state.params)
+  batch = {'image': x, 'label': labels}
+  regs = []
+  for step in (0, 4, 9):
+    kind = cfg.step_kind(step)
+    run = jax.jit(lambda s, b, kind=kind: training.train_step(s, b, model=net, tx=tx, cfg=cfg,
+                                                              kind=kind))
+    _, m = run(state.replace(step=jnp.asarray(step, jnp.int32)), batch)
+    eps = float(cfg.epsilon(step))
+    natural, robust, reg = _DenseBN.losses(params, np.asarray(x), np.asarray(labels),
+                                           eps if kind.certified else 1e-6)
+    kappa = float(cfg.kappa(step))
+    main = natural if not kind.certified else (
+        robust if loss == 'fast_ibp' else kappa * natural + (1 - kappa) * robust)
+    np.testing.assert_allclose(float(m['eps']), eps, rtol=1e-6)
+    got_reg = float(m['regulariser']) if kind.regularised else 0.0
+    weight = lam * (1 - eps / eps_max) if kind.regularised else 0.0
+    np.testing.assert_allclose(float(m['loss']), main + weight * got_reg, rtol=2e-5,
+                               err_msg=f'step {step}')
+    if kind.regularised:
+      # Float32 bounds 2e-6 wide around O(1) values carry ~1e-7 of rounding,
+      # i.e. ~1 % of their radius (as in any float32 IBP): the warm-up's
+      # regulariser agrees with the float64 reference to that.
+      np.testing.assert_allclose(got_reg, reg, rtol=2e-5 if kind.certified else 2e-2,
+                                 err_msg=f'step {step}')
+      regs.append(reg)
+  assert min(regs) > 0.1, regs  # both regularised steps exercise the terms
+  # The warm-up's bound radius is `reg_min_eps` (ratios hardly depend on it at
+  # 1e-6, so check it at a radius where they do): bounds and regulariser there.
+  wide = dataclasses.replace(cfg, reg_min_eps=0.05)
+  kind = wide.step_kind(0)
+  _, m = jax.jit(lambda s, b: training.train_step(s, b, model=net, tx=tx, cfg=wide,
+                                                  kind=kind))(state, batch)
+  natural, robust, reg = _DenseBN.losses(params, np.asarray(x), np.asarray(labels), 0.05)
+  np.testing.assert_allclose(float(m['robust_loss']), robust, rtol=2e-5)
+  np.testing.assert_allclose(float(m['regulariser']), reg, rtol=2e-5)
+  np.testing.assert_allclose(float(m['loss']), natural + lam * reg, rtol=2e-5)
+  assert robust > natural + 1e-2
 
 
 # --- subprocess runs -------------------------------------------------------------
