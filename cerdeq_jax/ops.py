@@ -32,14 +32,15 @@ def conv(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
       precision=precision)
 
 
-def _same_padding_is_symmetric(kernel) -> bool:
-  kh, kw = kernel.shape[:2]
-  return kh % 2 == 1 and kw % 2 == 1
+def _same_pads(kernel) -> tuple[tuple[int, int], tuple[int, int]]:
+  """XLA's stride-1 'SAME' padding ``(low, high)`` per spatial axis: a kernel
+  of even size ``k`` pads one more pixel after than before."""
+  return tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:2])
 
 
 @jax.custom_vjp
 def same_conv(x, kernel):
-  """Stride-1 'SAME' convolution with an odd kernel whose input-VJP is again a
+  """Stride-1 'SAME' convolution (any kernel size) whose input-VJP is again a
   *forward* convolution (flipped, in/out-swapped kernel).
 
   Numerically identical to `conv`; it exists because XLA:CPU runs the default
@@ -65,7 +66,7 @@ def _same_conv_kernel_grad(x, g, kernel):
   """
   kh, kw = kernel.shape[:2]
   h, w = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+  padded = jnp.pad(x, ((0, 0),) + _same_pads(kernel) + ((0, 0),))
   taps = [[jnp.einsum('nhwi,nhwo->io', padded[:, a:a + h, b:b + w, :], g, precision=HIGHEST)
            for b in range(kw)] for a in range(kh)]
   return jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
@@ -74,7 +75,11 @@ def _same_conv_kernel_grad(x, g, kernel):
 def _same_conv_bwd(res, g):
   x, kernel = res
   flipped = jnp.flip(kernel, axis=(0, 1)).swapaxes(2, 3)
-  dx = conv(g, flipped)
+  # Flipping the kernel mirrors the padding: the transpose pads (high, low)
+  # where the forward pass padded (low, high). Equal for odd kernels; for even
+  # ones plain 'SAME' would shift the gradient by one pixel.
+  mirrored = [(high, low) for low, high in _same_pads(kernel)]
+  dx = conv(g, flipped, padding=mirrored)
   return dx, _same_conv_kernel_grad(x, g, kernel)
 
 
@@ -83,7 +88,6 @@ same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 def conv_op(kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group_count: int = 1):
   """Returns ``x -> conv(x, kernel)``, using `same_conv` where it applies."""
-  if (tuple(strides) == (1, 1) and padding == 'SAME' and feature_group_count == 1
-      and _same_padding_is_symmetric(kernel)):
+  if tuple(strides) == (1, 1) and padding == 'SAME' and feature_group_count == 1:
     return lambda x: same_conv(x, kernel)
   return lambda x: conv(x, kernel, strides, padding, feature_group_count)

@@ -1,0 +1,78 @@
+"""Tests of `cerdeq_jax.ops`: the custom-VJP `same_conv` against plain XLA.
+
+The reference is `jax.vjp` of ``lax.conv_general_dilated(..., 'SAME')`` (via
+`conftest.ref_conv`), i.e. XLA's own transposed convolutions, for odd *and*
+even kernels: XLA pads an even kernel asymmetrically (one pixel more after),
+which the hand-written input-VJP must mirror.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cerdeq_jax import ops
+from conftest import jit, ref_conv
+
+ATOL = 1e-5
+# (kh, kw): sizes 1-4 square, and rectangular ones mixing odd and even.
+KERNELS = [(1, 1), (2, 2), (3, 3), (4, 4), (2, 3), (4, 1)]
+
+
+def _data(rng, kh, kw, size=(5, 6)):
+  x = rng.normal(size=(2,) + size + (3,)).astype(np.float32)
+  kernel = rng.normal(size=(kh, kw, 3, 4)).astype(np.float32)
+  g = rng.normal(size=(2,) + size + (4,)).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g)
+
+
+def _value_and_vjp(fn, x, kernel, g):
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y,) + vjp(g)
+
+
+@pytest.mark.parametrize('kh, kw', KERNELS)
+def test_same_conv_value_and_gradients_match_xla(rng, kh, kw):
+  x, kernel, g = _data(rng, kh, kw)
+  ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
+  ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
+  for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('kh, kw', [(2, 2), (4, 4)])
+def test_same_conv_gradients_under_vmap_match_xla(rng, kh, kw):
+  """The DEQ solves run `same_conv` per sample under ``vmap``."""
+  x, kernel, g = _data(rng, kh, kw, size=(4, 4))
+  per_sample = lambda conv: jax.vmap(
+      lambda xi, gi: _value_and_vjp(lambda a, k: conv(a[None], k)[0], xi, kernel, gi))
+  ours = jit(per_sample(ops.same_conv))(x, g)
+  ref = jit(per_sample(ref_conv))(x, g)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
+
+
+def test_same_conv_kernel_larger_than_input(rng):
+  x, kernel, g = _data(rng, 4, 4, size=(2, 3))
+  ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
+  ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize('strides, padding, groups, custom', [
+    ((1, 1), 'SAME', 1, True),       # same_conv, even kernels included
+    ((2, 2), 'SAME', 1, False),
+    ((1, 1), 'VALID', 1, False),
+    ((1, 1), 'SAME', 3, False),      # grouped (depthwise)
+])
+def test_conv_op_routes_and_matches_xla(rng, strides, padding, groups, custom):
+  x = jnp.asarray(rng.normal(size=(1, 6, 6, 3)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(2, 2, 3 // groups, 3)).astype(np.float32))
+  fn = ops.conv_op(kernel, strides, padding, groups)
+  ref = jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(jit(fn)(x), ref, atol=ATOL)
+  jaxpr = str(jax.make_jaxpr(fn)(x))
+  assert ('custom_vjp_call' in jaxpr) == custom, jaxpr
