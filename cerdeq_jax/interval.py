@@ -1,10 +1,13 @@
 """The `Interval` pytree: a box [lower, upper] of arrays with the same shape.
 
 An interval is just another pytree state, so solvers, `jit`, `vmap` and
-implicit differentiation treat it like any array.
+implicit differentiation treat it like any array. It is *not* an array to
+stock Flax layers, ``jnp`` functions or arithmetic operators: they raise a
+``TypeError`` that names the certified layer (`cerdeq_jax.layers`) to use.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Sequence
 
 import jax
@@ -34,6 +37,23 @@ class Interval(NamedTuple):
   def dtype(self):
     return jnp.result_type(self.lower)
 
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  # A NamedTuple is a sequence, so without these hooks jnp/np would quietly
+  # stack (lower, upper) into one array of shape (2, ...), and stock Flax
+  # layers would compute on it. jax looks `__jax_array__` up (with getattr)
+  # before converting, also inside lax primitives, numpy calls `__array__`:
+  # both refuse, naming the certified layer to use instead. A property, so
+  # that the lookup itself raises (jax rejects objects that merely have it).
+  @property
+  def __jax_array__(self):
+    raise TypeError(misuse_message())
+
+  def __array__(self, dtype=None, copy=None):
+    raise TypeError(misuse_message())
+
   @classmethod
   def from_centre_radius(cls, centre, radius) -> "Interval":
     return cls(centre - radius, centre + radius)
@@ -54,6 +74,84 @@ class Interval(NamedTuple):
 
 def is_interval(x) -> bool:
   return isinstance(x, Interval)
+
+
+# Stock Flax layers with a certified counterpart of the same name in
+# `cerdeq_jax.layers`, and functions with one of another name. (Pooling takes
+# pytrees of operands, so it fails on an Interval before reaching our hooks.)
+_SAME_NAME_LAYERS = ('Dense', 'Conv', 'BatchNorm')
+_FUNCTION_LAYERS = {'relu': 'layers.ReLU()'}
+_ALL_LAYERS = ('cerdeq_jax.layers (Dense, Conv, BatchNorm, ReLU/Activation, AvgPool/MaxPool, '
+               'Flatten, DEQ, ElidedDense)')
+
+
+def _misused_by() -> tuple[str, str] | None:
+  """``('flax', ClassName)`` of the innermost stock Flax module on the call
+  stack, else ``(module, function)`` of the outermost ``jax.numpy``/``jax.nn``
+  function, else None. Only walked on the error path."""
+  frame, function = sys._getframe(2), None  # pylint: disable=protected-access
+  while frame is not None:
+    owner = frame.f_locals.get('self')
+    if type(owner).__module__.startswith('flax.linen'):
+      return 'flax', type(owner).__name__
+    module = frame.f_globals.get('__name__', '')
+    if module.startswith(('jax._src.numpy', 'jax._src.nn')):
+      function = (module, frame.f_code.co_name)
+    frame = frame.f_back
+  return function
+
+
+def misuse_message() -> str:
+  """Why an `Interval` cannot enter a stock Flax layer or ``jnp`` function,
+  and which certified layer to use instead."""
+  module, name = _misused_by() or ('', '')
+  elementwise = module == 'jax._src.numpy.ufuncs' or module.startswith('jax._src.nn')
+  prefix = 'jax.nn' if module.startswith('jax._src.nn') else 'jnp'
+  if module == 'flax':
+    where = f'flax.linen.{name}'
+    use = (f'cerdeq_jax.layers.{name}' if name in _SAME_NAME_LAYERS
+           else f'the certified layers of {_ALL_LAYERS}')
+  elif name in _FUNCTION_LAYERS:
+    where, use = f'{prefix}.{name}', f'cerdeq_jax.{_FUNCTION_LAYERS[name]}'
+  elif elementwise and not name.startswith('_'):
+    where = f'{prefix}.{name}'
+    use = (f'layers.Activation({where}) or box.map({where}) if it is monotone '
+           f'non-decreasing, else a rule of cerdeq_jax.ibp')
+  else:
+    where = f'jnp.{name}' if name and not name.startswith('_') else 'an array operation'
+    use = f'the certified layers of {_ALL_LAYERS} or the rules of cerdeq_jax.ibp'
+  return (f'{where} got a cerdeq_jax Interval (lower and upper bounds), not an array: it would '
+          f'treat the pair as one array and bound nothing. Use {use}; for one end of the box '
+          f'take box.lower, box.upper or box.centre.')
+
+
+_OPERATOR_MESSAGE = (
+    'arithmetic operators are not defined on a cerdeq_jax Interval (as a tuple, box * 2 would '
+    'repeat it): use cerdeq_jax.ibp (add, scale_shift, linear_map, monotone) or layers.add, '
+    'or operate on box.lower / box.upper.')
+
+
+def _refuse_operator(self, other=None):
+  del self, other
+  raise TypeError(_OPERATOR_MESSAGE)
+
+
+def _tuple_or_refuse(concat):
+  """``+`` with a tuple stays tuple concatenation (generic pytree code may use
+  it); with anything else it is an attempted interval sum: refused."""
+  def op(self, other):
+    if isinstance(other, tuple):
+      return concat(self, other)
+    raise TypeError(_OPERATOR_MESSAGE)
+  return op
+
+
+Interval.__add__ = _tuple_or_refuse(tuple.__add__)
+Interval.__radd__ = _tuple_or_refuse(lambda self, other: tuple.__add__(other, self))
+for _name in ('mul', 'rmul', 'sub', 'rsub', 'truediv', 'rtruediv', 'matmul', 'rmatmul', 'pow',
+              'neg'):
+  setattr(Interval, f'__{_name}__', _refuse_operator)
+del _name
 
 
 def checked(lower, upper) -> Interval:
@@ -100,7 +198,15 @@ def linf_ball(x, eps: float, mean: Sequence[float] | float = 0.0,
   if isinstance(eps, (int, float)) and eps < 0:
     raise ValueError(f'eps must be >= 0 (pixel units in [0, 1]), got {eps}.')
   x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'x must be the normalised float input (pixels / 255 - mean) / std, got '
+                     f'dtype {x.dtype}.')
   mean, std = _per_channel(mean, x.ndim), _per_channel(std, x.ndim)
+  for name, value in (('mean', mean), ('std', std)):
+    # Broadcasting would silently widen a 1-channel x to len(mean) channels.
+    if value.shape[-1] not in (1, x.shape[-1]):
+      raise ValueError(f'{name} has {value.shape[-1]} entries but x has {x.shape[-1]} channels '
+                       f'(its last axis).')
   if not isinstance(std, jax.core.Tracer) and np.any(np.asarray(std) <= 0):
     raise ValueError('std must be positive.')
   lo_valid = (pixel_range[0] - mean) / std

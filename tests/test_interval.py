@@ -1,10 +1,13 @@
-"""Tests of the `Interval` pytree, `checked` and `linf_ball`."""
+"""Tests of the `Interval` pytree, `checked`, `linf_ball`, and misuse of an Interval as an array."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cerdeq_jax import layers, solvers
 from cerdeq_jax.interval import Interval, checked, linf_ball
+from conftest import jit
 
 
 def test_centre_radius_round_trip(rng):
@@ -108,3 +111,77 @@ def test_linf_ball_rejects_bad_eps(eps):
 def test_linf_ball_rejects_nonpositive_std():
   with pytest.raises(ValueError, match='std'):
     linf_ball(jnp.zeros((1, 2)), 0.1, mean=0.0, std=[1.0, 0.0])
+
+
+def test_linf_ball_rejects_integer_pixels_and_channel_mismatch():
+  with pytest.raises(ValueError, match='normalised float'):
+    linf_ball(jnp.zeros((1, 2, 2, 3), jnp.uint8), 0.1)
+  # 3 channel constants for a 1-channel input would broadcast to 3 channels.
+  with pytest.raises(ValueError, match='mean has 3 entries but x has 1'):
+    linf_ball(jnp.zeros((1, 2, 2, 1)), 0.1, mean=[0.5] * 3, std=0.2)
+  with pytest.raises(ValueError, match='std has 2 entries'):
+    linf_ball(jnp.zeros((1, 3)), 0.1, std=[0.2, 0.3])
+
+
+# --- misuse: an Interval is not an array -------------------------------------------
+
+def _box():
+  return linf_ball(jnp.zeros((2, 4, 4, 3)), 0.1)
+
+
+@pytest.mark.parametrize('misuse, names', [
+    (lambda box: nn.Dense(3).init(jax.random.PRNGKey(0), box), 'cerdeq_jax.layers.Dense'),
+    (lambda box: nn.Conv(3, (3, 3)).init(jax.random.PRNGKey(0), box), 'cerdeq_jax.layers.Conv'),
+    (lambda box: nn.BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), box),
+     'cerdeq_jax.layers.BatchNorm'),
+    (jnp.tanh, 'box.map(jnp.tanh)'),
+    (jax.nn.relu, 'cerdeq_jax.layers.ReLU()'),
+    (jnp.asarray, 'cerdeq_jax.layers (Dense, Conv'),
+    (jnp.array, 'cerdeq_jax.layers (Dense, Conv'),
+    (np.asarray, 'cerdeq_jax.layers (Dense, Conv'),
+    (lambda box: jnp.ones(3) * box, 'cerdeq_jax.layers (Dense, Conv'),
+    (lambda box: jnp.sum(box), 'cerdeq_jax.layers (Dense, Conv'),
+])
+def test_stock_layers_and_jnp_refuse_an_interval_naming_the_certified_layer(misuse, names):
+  # Before: nn.Dense and jnp.asarray silently stacked (lower, upper) into one
+  # array of shape (2, ...); nn.Conv failed on a missing `ndim`.
+  with pytest.raises(TypeError) as info:
+    misuse(_box())
+  assert names in str(info.value) and 'Interval' in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize('op', [lambda b: b * 2, lambda b: 2 * b, lambda b: b + 1.0,
+                                lambda b: 1.0 + b, lambda b: b - 1, lambda b: -b])
+def test_arithmetic_operators_refuse_an_interval(op):
+  with pytest.raises(TypeError, match='cerdeq_jax.ibp'):
+    op(_box())
+
+
+def test_interval_stays_a_tuple_for_generic_code():
+  box = _box()
+  lower, upper = box
+  assert lower is box.lower and upper is box.upper
+  assert len((None,) + box) == 3 and len(box + (None,)) == 3
+  assert box.ndim == 4 and box._replace(upper=box.lower).upper is box.lower
+
+
+def test_certified_layers_still_take_intervals():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, labels=None):
+      x = layers.DEQ(4, solver=solvers.Anderson(tol=1e-5, max_iter=60))(x)
+      x = layers.BatchNorm(use_running_average=True)(layers.Conv(4, (2, 2))(x))
+      x = layers.Flatten()(layers.AvgPool()(layers.ReLU()(x)))
+      x = layers.Activation(jnp.tanh)(layers.Dense(8)(x))
+      return layers.ElidedDense(3)(x, labels)
+
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype(np.float32))
+  labels = jnp.array([0, 2])
+  net = Net()
+  variables = jit(lambda k: net.init(k, x))(jax.random.PRNGKey(0))
+  apply = jit(lambda v, z: net.apply(v, z, labels))
+  logits = apply(variables, x)
+  margins = apply(variables, linf_ball(x, 0.01))
+  nominal = logits[jnp.arange(2), labels][:, None] - logits
+  assert margins.shape == (2, 3) and bool(jnp.all(jnp.isfinite(margins)))
+  assert bool(jnp.all(margins <= nominal + 1e-5))
