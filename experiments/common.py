@@ -123,6 +123,19 @@ def validate(config: Config) -> Config:
   return config
 
 
+def default_workdir(config: Config) -> str:
+  """``runs/<dataset>_<model>_eps<ε>_seed<seed>``, relative to the current
+  folder: a function of the flags alone (no timestamp), so that the same
+  command with ``--resume`` or ``--eval_only`` finds the run again, and a second
+  plain start is refused instead of silently starting over. ε is written as a
+  short decimal (``0.1``) or else as a fraction with '-' for '/' (``8-255``)."""
+  eps = f'{config.eps:g}'
+  if len(eps) > 6:
+    frac = fractions.Fraction(config.eps).limit_denominator(1000)
+    eps = f'{frac.numerator}-{frac.denominator}'
+  return os.path.join('runs', f'{config.dataset}_{config.model}_eps{eps}_seed{config.seed}')
+
+
 def check_workdir(workdir: str) -> str:
   """Creates ``workdir`` and checks it is writable (one-line OSError otherwise)."""
   try:
@@ -145,7 +158,8 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_float('epochs', d.epochs, 'Training epochs (passes; may be fractional).')
   flags.DEFINE_integer('batch_size', d.batch_size, 'Global batch size.')
   flags.DEFINE_integer('seed', d.seed, 'Seed of initialisation, data order and PGD.')
-  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go.')
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go '
+                      '(default: runs/<dataset>_<model>_eps<eps>_seed<seed>).')
   flags.DEFINE_bool('resume', False, 'Continue from the latest checkpoint in --workdir.')
   flags.DEFINE_bool('eval_only', False, 'Only evaluate the latest checkpoint.')
   flags.DEFINE_integer('train_examples', d.train_examples, 'Use the first N training examples.')
@@ -228,11 +242,11 @@ def main_with_defaults(defaults: Config) -> None:
       _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     try:
       config = config_from_flags(defaults)
-      if not FLAGS.workdir:
-        raise ValueError('--workdir is required')
-      workdir = check_workdir(FLAGS.workdir)
+      workdir = check_workdir(FLAGS.workdir or default_workdir(config))
     except ValueError as e:
       _fail(str(e))
+    print(f'workdir: {workdir}' + ('' if FLAGS.workdir else ' (default; set --workdir to change)'),
+          flush=True)
     _init_distributed()
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO

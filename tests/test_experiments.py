@@ -205,7 +205,6 @@ def _bad_flag_cases(tmp, data_dir):
       'batch_size': (['--batch_size=0'] + ok, 'batch_size'),
       'workdir_unwritable': ([f'--data_dir={data_dir}', f'--workdir={blocker}/sub'],
                              'cannot be written'),
-      'workdir_missing': ([f'--data_dir={data_dir}'], '--workdir'),
       'data_dir_missing': ([f'--data_dir={tmp}/no_such_dir', f'--workdir={work}'], 'no_such_dir'),
       'extra_argument': (ok + ['stray'], 'stray'),
   }
@@ -214,8 +213,7 @@ def _bad_flag_cases(tmp, data_dir):
 
 
 BAD_FLAG_CASES = ('eps_text', 'eps_negative', 'eps_too_big', 'eps_zero_division', 'eps_nan',
-                  'model', 'batch_size', 'workdir_unwritable', 'workdir_missing',
-                  'data_dir_missing', 'extra_argument')
+                  'model', 'batch_size', 'workdir_unwritable', 'data_dir_missing', 'extra_argument')
 
 
 @pytest.mark.parametrize('case', BAD_FLAG_CASES)
@@ -244,6 +242,41 @@ def test_unknown_flag_is_absl_one_liner(tmp_path, data_dir, env):
   assert lines and lines[0].startswith('FATAL Flags parsing error'), result.stderr
   assert 'no_such_flag' in lines[0]
   assert not os.path.exists(tmp_path / 'work')
+
+
+def test_default_workdir_is_a_function_of_the_flags():
+  from experiments.common import Config, default_workdir
+  assert default_workdir(Config(dataset='cifar10', model='cerdeq', eps=8 / 255)) == os.path.join(
+      'runs', 'cifar10_cerdeq_eps8-255_seed0')
+  assert default_workdir(Config(dataset='fashion_mnist', model='cnn7', eps=0.1, seed=2)) == (
+      os.path.join('runs', 'fashion_mnist_cnn7_eps0.1_seed2'))
+
+
+def test_without_workdir_the_default_is_printed_and_used(tmp_path, data_dir, env):
+  # --eval_only in a fresh folder: the default workdir (relative to the
+  # current folder) is created, printed first, and searched for checkpoints.
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.fashion_mnist', '--eval_only', f'--data_dir={data_dir}']
+      + FLAGS, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  workdir = tmp_path / 'runs' / 'fashion_mnist_cerdeq_eps0.1_seed0'
+  assert result.stdout.startswith(f'workdir: {workdir} (default'), result.stdout
+  line = _one_error_line({'rc': result.returncode, 'out': result.stdout, 'err': result.stderr})
+  assert f'no checkpoint to evaluate in {workdir}' in line, line
+
+
+@pytest.mark.parametrize('module, message', [('cifar10', 'CIFAR-10 not found'),
+                                             ('tiny_imagenet', 'Tiny-ImageNet not found')])
+def test_missing_data_is_one_line_without_tfds_warnings(tmp_path, env, module, message):
+  # As typed in the README (no --workdir); tfds used to warn about empty
+  # version folders in front of the error. HOME: no ~/tensorflow_datasets.
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  result = subprocess.run(
+      [sys.executable, '-m', f'experiments.{module}', '--eps=8/255', f'--data_dir={empty}'],
+      cwd=tmp_path, env=dict(env, HOME=str(tmp_path)), capture_output=True, text=True,
+      timeout=TIMEOUT)
+  line = _one_error_line({'rc': result.returncode, 'out': result.stdout, 'err': result.stderr})
+  assert message in line, line
 
 
 # --- a full run ------------------------------------------------------------------------

@@ -167,9 +167,10 @@ def _read_tfds_cifar10(data_dir: str | None, split: str
   via their ``id`` ('train_00042'), matching the binary reader.
   """
   import tensorflow_datasets as tfds
-  builder = tfds.builder('cifar10', data_dir=data_dir)
-  if not builder.is_prepared():
-    return None
+  with tfds_utils.quiet_probe():
+    builder = tfds.builder('cifar10', data_dir=data_dir)
+    if not builder.is_prepared():
+      return None
   try:
     source = builder.as_data_source(split=split)
   except Exception as e:  # e.g. prepared as TFRecord only.
@@ -251,8 +252,10 @@ def tiny_imagenet(split: str, data_dir: str | os.PathLike | None = None,
   tfds_dir = data_dir or _env_dir()
   make = lambda arrays: _make('tiny_imagenet', *arrays, tiny_lib.NUM_CLASSES,
                               TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
-  builder = tiny_lib.builder(tfds_dir) if use_tfds else None
-  if builder is not None and builder.is_prepared():
+  with tfds_utils.quiet_probe():
+    builder = tiny_lib.builder(tfds_dir) if use_tfds else None
+    prepared = builder is not None and builder.is_prepared()
+  if prepared:
     return make(tiny_lib.read_prepared(builder, split))
   dirs = [manual_dir]
   if data_dir:

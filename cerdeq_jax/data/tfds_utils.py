@@ -1,7 +1,10 @@
 """Small helpers for reading tfds data sources into numpy."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Sequence
+
+from absl import logging
 
 
 def iter_records(source: Sequence[Any], chunk: int = 4096) -> Iterator[Any]:
@@ -19,3 +22,16 @@ def iter_records(source: Sequence[Any], chunk: int = 4096) -> Iterator[Any]:
       yield from getitems(keys)
     else:
       yield from (source[i] for i in keys)
+
+
+@contextlib.contextmanager
+def quiet_probe():
+  """Silences absl warnings (tfds logs through absl) while probing for a
+  prepared dataset: an absent one makes tfds warn about empty version
+  folders, which would stand in front of the one-line 'not found' error."""
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
