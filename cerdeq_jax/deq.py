@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from cerdeq_jax import ibp, implicit, ops, solvers
 from cerdeq_jax.interval import Interval
+from cerdeq_jax.orthogonal import at_least_f32
 
 # Relative safety margin on the float32 SVD of S (its relative error is ~1e-6).
 _NORM_SAFETY = 1.0 + 1e-4
@@ -22,14 +23,25 @@ _NORM_SAFETY = 1.0 + 1e-4
 class DEQStats(NamedTuple):
   """Per-sample statistics of a DEQ solve (leading batch dimension).
 
-  certifiable: the solve converged and L < 1, so the (widened) interval
-    bounds are sound for the exact fixed point. Always False for arrays.
+  lipschitz: the contraction constant certified for the kernel,
+    ``min(L, rho)``: L (`abs_operator_bound`) in the 2-norm, rho
+    (`channel_contraction`) in a weighted sup-norm. Either < 1 makes the DEQ and
+    its interval DEQ contractions; the widening uses both (`sound_widening`).
+  certifiable: the solve converged and ``min(L, rho) < 1``, so the (widened)
+    interval bounds are sound for the exact fixed point. Always False for arrays.
   """
   iterations: jax.Array
   residual: jax.Array
   converged: jax.Array
   lipschitz: jax.Array
   certifiable: jax.Array
+
+
+def channel_sums(kernel) -> jax.Array:
+  """``S (O, I)``, ``S[o, i] = sum_{h,w} |K[h, w, i, o]|`` of an HWIO (or dense
+  ``(I, O)``) kernel: the matrix whose norms bound ``|W|``."""
+  kernel = at_least_f32(kernel)
+  return jnp.sum(jnp.abs(kernel.reshape((-1,) + kernel.shape[-2:])), axis=0).T
 
 
 def abs_operator_bound(kernel) -> jax.Array:
@@ -40,11 +52,9 @@ def abs_operator_bound(kernel) -> jax.Array:
   circular padding): a non-negative kernel's symbol peaks at frequency 0, and
   zero padding compresses the circular operator. A dense ``(D_in, D_out)``
   kernel gives ``||abs(K)^T||_2`` exactly. Since ``||W||_2 <= || |W| ||_2`` the
-  bound also makes the nominal DEQ contractive.
+  bound also makes the nominal DEQ contractive. Differentiable (through the SVD).
   """
-  kernel = jnp.asarray(kernel, jnp.float32)
-  s = jnp.sum(jnp.abs(kernel.reshape((-1,) + kernel.shape[-2:])), axis=0)  # (I, O)
-  return jnp.linalg.norm(s, ord=2) * _NORM_SAFETY
+  return jnp.linalg.norm(channel_sums(kernel), ord=2) * _NORM_SAFETY
 
 
 # --- cells: pure functions of (theta, z); theta = (hidden_kernel, injection) ---
@@ -65,6 +75,39 @@ def interval_deq_cell(theta, z: Interval, activation: Callable = jax.nn.relu) ->
   return ibp.monotone(pre, activation)
 
 
+def _perron_vector(s) -> jax.Array:
+  """Positive ``v (C,)``, ``max v = 1``: power iteration on ``s / max(s)`` (no
+  gradient), so v does not depend on the scale of s."""
+  s = jax.lax.stop_gradient(s)
+  s = s / jnp.maximum(jnp.max(s), jnp.finfo(s.dtype).tiny)
+  def power(_, v):
+    v = s @ v + 1e-6  # the shift keeps v positive (and helps reducible S)
+    return v / jnp.max(v)
+  v = jax.lax.fori_loop(0, 100, power, jnp.ones(s.shape[1], s.dtype))
+  return jnp.maximum(v, 1e-3)
+
+
+def collatz_wielandt(kernel, v, y=None) -> jax.Array:
+  """``rho(v) = max_o (S v)_o / v_o`` (times the SVD safety factor) for a
+  positive ``v (C,)``: ``S v <= rho v``, so ``rho(v) >= rho(S)`` for *every*
+  positive v (Collatz–Wielandt).
+
+  Gradient w.r.t. the kernel, with v (and y) held fixed: with the left vector
+  ``y (C,)``, that of the ``y_o v_o``-weighted mean of the ratios (the value
+  stays the max), which is the derivative of the Perron root itself,
+  ``d rho(S) = y^T dS v / y^T v``, when v and y are the Perron vectors; the
+  max's own gradient would load one arbitrary channel (the ratios tie at the
+  Perron vector). Without y, the max's gradient.
+  """
+  ratios = (channel_sums(kernel) @ v) / v
+  rho = jnp.max(ratios)
+  if y is not None:
+    mean = jnp.sum(jax.lax.stop_gradient(y * v / jnp.sum(y * v)) * ratios)
+    # mean - stop_gradient(mean) is exactly 0: the value stays the max, bit for bit.
+    rho = jax.lax.stop_gradient(rho) + (mean - jax.lax.stop_gradient(mean))
+  return rho * _NORM_SAFETY
+
+
 def channel_contraction(kernel) -> tuple[jax.Array, jax.Array]:
   """Positive channel weights ``v (C,)`` and ``rho`` with ``S v <= rho v``.
 
@@ -72,26 +115,23 @@ def channel_contraction(kernel) -> tuple[jax.Array, jax.Array]:
   pixel-wise (border pixels see fewer taps), so the DEQ map and its interval
   map are contractions with constant ``rho`` in the weighted sup-norm
   ``||z||_v = max |z_c| / v_c``. ``v`` is the Perron vector of S by power
-  iteration; ``rho`` is checked for that v (Collatz–Wielandt), so it is a
+  iteration; ``rho`` is checked for that v (`collatz_wielandt`), so it is a
   rigorous constant whatever the power iteration's accuracy, and close to the
-  spectral radius ``rho(S) <= ||S||_2``.
+  spectral radius ``rho(S) <= ||S||_2``. No gradient flows through v (rho(v)
+  is a valid bound for any v). v does not depend on the kernel's scale, so
+  ``rho(c K) = c rho(K)`` up to rounding (a rescaling by ``scale / rho`` lands
+  on ``scale``).
   """
-  kernel = jnp.asarray(kernel, jnp.float32)
-  s = jnp.sum(jnp.abs(kernel.reshape((-1,) + kernel.shape[-2:])), axis=0).T  # (O, I)
-  def power(_, v):
-    v = s @ v + 1e-6  # the shift keeps v positive (and helps reducible S)
-    return v / jnp.max(v)
-  v = jax.lax.fori_loop(0, 100, power, jnp.ones(s.shape[1], s.dtype))
-  v = jnp.maximum(v, 1e-3)
-  rho = jnp.max((s @ v) / v) * _NORM_SAFETY
-  return v, rho
+  s = channel_sums(kernel)
+  v = _perron_vector(s)
+  return v, collatz_wielandt(kernel, v, _perron_vector(s.T))
 
 
 def _per_sample(x, reduce):
   return reduce(x.reshape(x.shape[0], -1), axis=1)
 
 
-def sound_widening(z: Interval, fz: Interval, kernel, lipschitz=None):
+def sound_widening(z: Interval, fz: Interval, kernel, lipschitz=None, channel=None):
   """Bounds that enclose the exact interval fixed point, from an approximate
   one ``z`` and ``fz = F(z)`` (one more interval step).
 
@@ -100,11 +140,15 @@ def sound_widening(z: Interval, fz: Interval, kernel, lipschitz=None):
   used: the weighted sup-norm one, ``v_c * rho/(1-rho) * max_i |r_i|/v_i``
   (`channel_contraction`), and the 2-norm one, ``L/(1-L) * ||r||_2`` with
   ``L = || |W| ||_2`` bound (`abs_operator_bound`); ``r = F(z) - z`` per sample
-  over both ends. Returns ``(widened fz, certifiable-contraction (N,) bool)``.
+  over both ends. Either constant alone may be >= 1 (a kernel kept at
+  ``rho <= s`` may have ``L > 1``): its width is then infinite and the other
+  one certifies. ``lipschitz`` and ``channel = (v, rho)``, when given, are
+  those of ``kernel`` (to compute them once). Returns ``(widened fz,
+  certifiable-contraction (N,) bool)``.
   """
   if lipschitz is None:
     lipschitz = abs_operator_bound(kernel)
-  v, rho = channel_contraction(kernel)
+  v, rho = channel_contraction(kernel) if channel is None else channel
   res = jnp.concatenate([(fz.lower - z.lower)[..., None], (fz.upper - z.upper)[..., None]], -1)
   shape = (-1,) + (1,) * (z.lower.ndim - 1)
   res_v = _per_sample(jnp.abs(res) / v[:, None], jnp.max).reshape(shape)
@@ -135,7 +179,7 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
       ``certifiable`` is False.
 
   Returns:
-    ``(z*, DEQStats)``.
+    ``(z*, DEQStats)``; ``DEQStats.lipschitz`` is ``min(L, rho)``.
   """
   is_box = isinstance(injection, Interval)
   cell = interval_deq_cell if is_box else deq_cell
@@ -145,12 +189,17 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   solve_one = lambda inj, init: implicit.fixed_point(fn, (kernel, inj), init, solver,
                                                      adjoint_solver)
   z, st = jax.vmap(solve_one)(injection, z0)
-  lipschitz = abs_operator_bound(kernel)
+  # Certificates of the kernel, not training signals (a reparametrised kernel
+  # is differentiated through its own bound, in `reparam`).
+  fixed = jax.lax.stop_gradient(kernel)
+  lipschitz = abs_operator_bound(fixed)
+  channel = channel_contraction(fixed)
   certifiable = jnp.zeros_like(st.converged)
   if is_box and sound:
     fz = jax.vmap(lambda inj, state: fn((kernel, inj), state))(injection, z)
-    z, contraction = sound_widening(z, fz, kernel, lipschitz)
+    z, contraction = sound_widening(z, fz, fixed, lipschitz, channel)
     certifiable = st.converged & contraction
+  certified = jnp.minimum(lipschitz, channel[1])
   stats = DEQStats(st.iterations, st.residual, st.converged,
-                   jnp.broadcast_to(lipschitz, st.residual.shape), certifiable)
+                   jnp.broadcast_to(certified, st.residual.shape), certifiable)
   return z, stats

@@ -24,15 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cerdeq_jax import deq, ibp, ops, parametrize, solvers
+from cerdeq_jax import deq, ibp, ops, parametrize, reparam, solvers
 from cerdeq_jax.interval import Interval  # re-exported for models
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 #: Name of the DEQ hidden kernel in params trees; `parametrize.project_tree`
-#: projects the leaves with this name.
-HIDDEN_KERNEL = 'hidden_kernel'
+#: projects the leaves with this name ('project' mode).
+HIDDEN_KERNEL = parametrize.HIDDEN_KERNEL
+#: Name of the free parameter V of the hidden kernel in 'reparam' mode.
+HIDDEN_FREE = parametrize.HIDDEN_FREE
 #: Collection holding the spectral-norm power-iteration vectors.
 SPECTRAL = 'spectral'
 #: Collection with the clean batch's BatchNorm moments (for interval training).
@@ -224,9 +226,22 @@ class DEQ(nn.Module):
 
   ``U`` is a ``injection_kernel_size`` convolution ``C_in -> features`` (CerDEQ
   initialisation), ``W`` a stride-1 'SAME' ``kernel_size`` convolution
-  ``features -> features`` kept contractive by ``parametrization`` (projected
-  after every optimiser step by `parametrize.project_tree`; the initial value is
-  already projected).
+  ``features -> features`` kept contractive by ``parametrization`` (a
+  `parametrize.Parametrization`, or just its method 'bjorck' | 'sn' | 'wn'):
+
+  * ``mode='project'`` (default): W is the parameter ``'hidden_kernel'``,
+    projected after every optimiser step by `parametrize.project_tree`; the
+    initial value is already projected.
+  * ``mode='reparam'``: the parameter is a free V (``'hidden_free'``, initially
+    the projected kernel) and the forward uses ``W = reparam.effective_kernel(V)``
+    (e.g. ``s * B(V) / b(B(V))``), differentiated through. Read W from
+    variables with `reparam.hidden_kernel`.
+  * ``bound='spectral'`` (default) keeps ``L = ||S||_2 <= scale``;
+    ``bound='rho'`` keeps the looser Perron-root bound ``rho <= scale`` (then
+    L may exceed 1 and certificates rest on rho; see `deq.sound_widening`).
+
+  For 'sn' the power-iteration vector u lives in the ``'spectral'`` collection
+  (under the parameter's name); the forward reads it, the train step updates it.
 
   For an `Interval` input, ``strict=True`` (the default, for certification)
   returns *sound* bounds: the interval fixed point widened so that it encloses
@@ -242,19 +257,15 @@ class DEQ(nn.Module):
   kernel_size: Sequence[int] = (3, 3)
   injection_kernel_size: Sequence[int] = (3, 3)
   injection_strides: Sequence[int] = (1, 1)
-  parametrization: parametrize.Parametrization = parametrize.Parametrization('bjorck')
+  parametrization: parametrize.Parametrization | str = parametrize.Parametrization('bjorck')
   solver: solvers.Solver = solvers.Anderson(tol=1e-4, max_iter=50)
   adjoint_solver: solvers.Solver | None = None
   activation: Callable = jax.nn.relu
   injection_init: Initializer = parametrize.cerdeq_injection_init()
 
-  @nn.compact
-  def __call__(self, x, strict: bool = True):
-    inject = Conv(self.features, self.injection_kernel_size, self.injection_strides,
-                  kernel_init=self.injection_init, name='injection')
-    injection = inject(x)
+  def _hidden_kernel(self, param: parametrize.Parametrization) -> Array:
+    """W ``(k, k, C, C)``: the parameter itself, or W(V) in 'reparam' mode."""
     kernel_shape = tuple(self.kernel_size) + (self.features, self.features)
-    param = self.parametrization
 
     def init_hidden(key, shape):
       k_kernel, k_vector = jax.random.split(key)
@@ -262,10 +273,28 @@ class DEQ(nn.Module):
       vector = parametrize.initial_spectral_vector(k_vector, kernel)
       return parametrize.project(kernel, vector, param)[0]
 
-    kernel = self.param(HIDDEN_KERNEL, init_hidden, kernel_shape)
+    name = param.param_name
+    weight = self.param(name, init_hidden, kernel_shape)
+    u = None
     if param.method == 'sn':
-      self.variable(SPECTRAL, HIDDEN_KERNEL, parametrize.initial_spectral_vector,
-                    self.make_rng('params') if self.is_initializing() else None, kernel)
+      def init_u(key):
+        u0 = parametrize.initial_spectral_vector(key, weight)
+        if param.mode == 'project':
+          return u0
+        # The reparam forward does not iterate: start from a converged u.
+        return parametrize.power_iteration(parametrize.flatten_kernel(weight), u0, param.iters)[1]
+      u = self.variable(SPECTRAL, name, init_u,
+                        self.make_rng('params') if self.is_initializing() else None).value
+    if param.mode == 'project':
+      return weight
+    return reparam.effective_kernel(weight, u, param)
+
+  @nn.compact
+  def __call__(self, x, strict: bool = True):
+    inject = Conv(self.features, self.injection_kernel_size, self.injection_strides,
+                  kernel_init=self.injection_init, name='injection')
+    injection = inject(x)
+    kernel = self._hidden_kernel(parametrize.as_parametrization(self.parametrization))
     z, stats = deq.solve_deq(kernel, injection, self.solver, self.adjoint_solver,
                              self.activation, sound=strict)
     self.sow('deq_stats', 'interval' if _is_box(z) else 'nominal', stats)

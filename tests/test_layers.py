@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cerdeq_jax import layers, parametrize, solvers
+from cerdeq_jax import deq, layers, parametrize, reparam, solvers
 from cerdeq_jax.deq import abs_operator_bound
 from cerdeq_jax.interval import Interval
 
@@ -507,3 +507,95 @@ def test_deq_initial_injection_std_matches_cerdeq_formula():
   assert abs(u.mean()) < 0.05 * sigma
   # n_u * E|U| = 1 (the property the formula is chosen for).
   np.testing.assert_allclose(n_u * np.abs(u).mean(), 1.0, rtol=0.03)
+
+
+# --- DEQ: method names, 'reparam' mode, the rho bound ---
+
+def test_deq_accepts_method_names():
+  x = jnp.ones((1, 1, 1, 6))
+  for method in parametrize.METHODS:
+    module = layers.DEQ(8, parametrization=method, solver=solvers.Picard(tol=1e-3, max_iter=1))
+    shapes = jax.eval_shape(lambda: module.init(key(0), x))
+    assert shapes['params'][layers.HIDDEN_KERNEL].shape == (3, 3, 8, 8)
+    assert (layers.SPECTRAL in shapes) == (method == 'sn')
+  with pytest.raises(ValueError, match='orthogonal'):
+    jax.eval_shape(lambda: layers.DEQ(8, parametrization='orthogonal').init(key(0), x))
+
+
+def _rho_beyond_two_norm_kernel(c, rng):
+  """A free V (3, 3, c, c) whose S is non-normal: ||S||_2 > 2 rho(S)."""
+  s = rng.uniform(0.05, 0.2, (c, c)) + np.diag(rng.uniform(0.2, 0.4, c))
+  s[0, 1:] += 2.0
+  w = rng.uniform(0.2, 1.0, (3, 3, c, c))
+  w = w / w.sum(axis=(0, 1)) * s.T
+  return jnp.asarray(np.where(rng.uniform(size=w.shape) < 0.5, -w, w), jnp.float32)
+
+
+@pytest.mark.parametrize('method, bound', [('bjorck', 'spectral'), ('sn', 'rho'),
+                                           ('wn', 'rho-beyond-2-norm')])
+def test_deq_reparam_bounds_are_sound(method, bound):
+  """'reparam' mode: the forward's W(V) keeps its bound, and the strict
+  interval output encloses the outputs at sampled and PGD points. The last
+  case sets V by hand so that W = s V / rho(V) has ||S||_2 > 1: the
+  certificate rests on rho alone."""
+  scale = 0.9
+  p = parametrize.Parametrization(method, scale, mode='reparam', bound=bound.split('-')[0])
+  module = layers.DEQ(4, parametrization=p, solver=solvers.Picard(tol=1e-6, max_iter=200))
+  x = normal(5, (2, 5, 5, 3))
+  variables = module.init(key(3), x)
+  variables = {k: v for k, v in variables.items() if k in ('params', layers.SPECTRAL)}
+  assert layers.HIDDEN_KERNEL not in variables['params']
+  if bound == 'rho-beyond-2-norm':
+    free = _rho_beyond_two_norm_kernel(4, np.random.default_rng(1))
+    variables['params'] = dict(variables['params'], **{layers.HIDDEN_FREE: free})
+  w = reparam.hidden_kernel(variables['params'], variables.get(layers.SPECTRAL), p)
+  rho = float(deq.channel_contraction(w)[1])
+  assert float(parametrize.contraction_bound(w, p.bound)) <= scale
+  if bound == 'rho-beyond-2-norm':
+    assert float(abs_operator_bound(w)) > 1.5 and rho <= scale
+
+  def stats(x, box):
+    _, cols = module.apply(variables, box, mutable=['deq_stats'])
+    return cols['deq_stats']['interval'][0]
+  box = Interval(x - 0.05, x + 0.05)
+  res = check_enclosure(lambda z: module.apply(variables, z), x, box, atol=2e-5, extra=stats)
+  st = res['extra']
+  assert np.all(st.certifiable) and np.all(st.lipschitz <= scale)
+  np.testing.assert_allclose(st.lipschitz, min(rho, float(abs_operator_bound(w))), rtol=1e-6)
+  # The forward used W: the array output is its fixed point.
+  p_ = variables['params']
+  fz = jax.nn.relu(ref_conv(res['y'], w) + ref_conv(x, p_['injection']['kernel'])
+                   + p_['injection']['bias'])
+  np.testing.assert_allclose(res['y'], fz, atol=1e-5)
+  assert np.max(res['out'].upper - res['out'].lower) > 1e-3
+
+
+@pytest.mark.parametrize('method, bound', [('bjorck', 'spectral'), ('sn', 'rho')])
+def test_deq_reparam_gradient_matches_finite_differences(x64, method, bound):
+  """Gradients w.r.t. V flow through W(V) (Björck / power-iteration estimate,
+  and the bound) and the DEQ's implicit gradients, nominal and interval."""
+  p = parametrize.Parametrization(method, 0.8, iters=30, mode='reparam', bound=bound)
+  module = layers.DEQ(3, parametrization=p, solver=solvers.Picard(tol=1e-13, max_iter=400))
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 4, 4, 2)))
+  variables = module.init(key(4), x.astype(jnp.float32))  # float32 injection init
+  variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), {
+      k: v for k, v in variables.items() if k in ('params', layers.SPECTRAL)})
+  free = variables['params'][layers.HIDDEN_FREE]
+  c = [jnp.asarray(rng.normal(size=(2, 4, 4, 3))) for _ in range(3)]
+  box = Interval(x - 0.1, x + 0.1)
+
+  @jax.jit
+  def loss(free):
+    v = dict(variables, params=dict(variables['params'], **{layers.HIDDEN_FREE: free}))
+    z = module.apply(v, x)
+    zb = module.apply(v, box, strict=False)
+    return jnp.sum(c[0] * z) + jnp.sum(c[1] * zb.upper) + jnp.sum(c[2] * zb.lower)
+
+  grad = np.asarray(jax.grad(loss)(free))
+  assert np.abs(grad).max() > 1e-3
+  d = rng.normal(size=free.shape)
+  h = 1e-6
+  fd = (float(loss(free + h * d)) - float(loss(free - h * d))) / (2 * h)
+  # rho: the power iteration's 1e-6 shift makes v the Perron vector only to ~1e-6.
+  np.testing.assert_allclose(np.vdot(grad, d), fd, rtol=1e-6 if bound == 'spectral' else 1e-4)

@@ -8,7 +8,7 @@ import pytest
 
 from cerdeq_jax import ops
 from cerdeq_jax import parametrize as pz
-from cerdeq_jax import deq
+from cerdeq_jax import deq, reparam
 
 # Jitted once per shape: eager op-by-op dispatch dominates these small tests.
 abs_operator_bound = jax.jit(deq.abs_operator_bound)
@@ -208,6 +208,139 @@ def test_project_tree_touches_only_hidden_kernels(method):
     # Persisted vectors: a second projection starts from the returned ones.
     _, again = pz.project_tree(new_params, new_states, p)
     assert again['deq']['hidden_kernel'].shape == (16,)
+
+
+# --- the rho bound ---------------------------------------------------------------
+
+def _s_matrix(kernel):
+  """S (O, I) in float64 numpy, for HWIO or dense kernels."""
+  k = np.abs(np.asarray(kernel, np.float64))
+  return k.reshape((-1,) + k.shape[-2:]).sum(axis=0).T
+
+
+def _perron(kernel):
+  """rho(S) and the right / left Perron vectors x, y of S (numpy)."""
+  s = _s_matrix(kernel)
+  vals, right = np.linalg.eig(s)
+  vals_l, left = np.linalg.eig(s.T)
+  x = np.abs(np.real(right[:, np.argmax(np.abs(vals))]))
+  y = np.abs(np.real(left[:, np.argmax(np.abs(vals_l))]))
+  return float(np.max(np.abs(vals))), x, y
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 16, 16), (32, 32)])
+@pytest.mark.parametrize('method', pz.METHODS)
+def test_rho_bound_projection(method, shape):
+  k = _normal(20, shape)
+  p = pz.Parametrization(method, 0.8, bound='rho')
+  w, _ = pz.project(k, None, p)
+  rho = float(pz.contraction_bound(w, 'rho'))
+  assert _perron(w)[0] <= rho <= 0.8  # rigorous, and kept at the scale
+  if method != 'sn':  # rescaled onto the bound (sn: clamped, if above)
+    np.testing.assert_allclose(rho, 0.8, rtol=1e-4)
+  if method == 'bjorck':
+    s = np.asarray(pz.singular_values(w))
+    np.testing.assert_allclose(s, s[0], rtol=1e-4)
+
+
+def test_rho_scales_with_the_kernel():
+  # The power iteration runs on S / max(S): rescaling by scale / rho lands on scale.
+  k = _normal(21, (3, 3, 8, 8))
+  rho = float(deq.channel_contraction(k)[1])
+  for c in (1e-3, 0.37, 7.0):
+    np.testing.assert_allclose(float(deq.channel_contraction(c * k)[1]), c * rho, rtol=1e-6)
+
+
+def test_collatz_wielandt_bounds_rho_for_any_positive_vector():
+  k = _normal(22, (3, 3, 6, 6))
+  exact = _perron(k)[0]
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    v = jnp.asarray(rng.uniform(0.01, 1.0, 6), jnp.float32)
+    assert float(deq.collatz_wielandt(k, v)) >= exact
+  np.testing.assert_allclose(float(deq.channel_contraction(k)[1]), exact * (1 + 1e-4), rtol=1e-5)
+
+
+def test_rho_gradient_is_the_perron_root_derivative(x64):
+  # v (and the left vector) held fixed, the gradient is y^T dS x / y^T x, the
+  # derivative of rho(S) itself (not of one arbitrary channel's ratio).
+  k = jnp.asarray(np.random.default_rng(23).standard_normal((3, 3, 5, 5)))
+  grad = np.asarray(jax.grad(lambda k: deq.channel_contraction(k)[1])(k))
+  _, x, y = _perron(k)
+  d_s = np.outer(y, x) / (y @ x)  # d rho / d S[o, i]
+  expected = d_s.T[None, None] * np.sign(np.asarray(k)) * (1 + 1e-4)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-9)
+
+
+# --- the reparametrisation ------------------------------------------------------------
+
+@pytest.mark.parametrize('bound', pz.BOUNDS)
+@pytest.mark.parametrize('method', pz.METHODS)
+def test_effective_kernel_is_contractive(method, bound):
+  v = _normal(24, (3, 3, 16, 16))
+  u = pz.power_iteration(pz.flatten_kernel(v), pz.initial_spectral_vector(
+      jax.random.PRNGKey(0), v), 200)[1]
+  p = pz.Parametrization(method, 0.9, mode='reparam', bound=bound)
+  w = reparam.effective_kernel(v, u, p)
+  assert w.shape == v.shape
+  assert float(pz.contraction_bound(w, bound)) <= 0.9
+  if bound == 'spectral':
+    assert float(abs_operator_bound(w)) <= 0.9
+  # The same map as the projection of 'project' mode (sn: up to sigma's estimate).
+  w_proj, _ = pz.project(v, u, p._replace(mode='project'))
+  np.testing.assert_allclose(w, w_proj, rtol=1e-5 if method != 'sn' else 1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize('bound', pz.BOUNDS)
+@pytest.mark.parametrize('method', pz.METHODS)
+def test_effective_kernel_gradient_matches_finite_differences(x64, method, bound):
+  rng = np.random.default_rng(25)
+  v = jnp.asarray(rng.standard_normal((3, 3, 4, 4)))
+  u = pz.power_iteration(pz.flatten_kernel(v), jnp.ones(4) / 2, 100)[1]
+  c = jnp.asarray(rng.standard_normal(v.shape))
+  p = pz.Parametrization(method, 0.9, iters=30, mode='reparam', bound=bound)
+  f = jax.jit(lambda v: jnp.sum(c * reparam.effective_kernel(v, u, p)))
+  grad = np.asarray(jax.grad(f)(v))
+  assert np.abs(grad).max() > 1e-3
+  for seed in range(2):
+    d = np.random.default_rng(seed).standard_normal(v.shape)
+    h = 1e-6
+    fd = (float(f(v + h * d)) - float(f(v - h * d))) / (2 * h)
+    # rho: the power iteration's 1e-6 shift makes v the Perron vector only to ~1e-6.
+    np.testing.assert_allclose(np.vdot(grad, d), fd, rtol=1e-6 if bound == 'spectral' else 1e-4)
+
+
+@pytest.mark.parametrize('method', pz.METHODS)
+def test_project_tree_reparam_leaves_free_parameter_alone(method):
+  v = _normal(26, (3, 3, 16, 16))
+  params = {'deq': {pz.HIDDEN_FREE: v, 'injection': {'kernel': _normal(27, (3, 3, 3, 16))}}}
+  u = pz.initial_spectral_vector(jax.random.PRNGKey(1), v)
+  states = {'deq': {pz.HIDDEN_FREE: u}} if method == 'sn' else {}
+  p = pz.Parametrization(method, 0.9, mode='reparam')
+  new_params, new_states = pz.project_tree(params, states, p)
+  np.testing.assert_array_equal(new_params['deq'][pz.HIDDEN_FREE], v)
+  np.testing.assert_array_equal(new_params['deq']['injection']['kernel'],
+                                params['deq']['injection']['kernel'])
+  if method != 'sn':
+    assert new_states == {}
+    return
+  # SN: the persisted vector advances towards the top right singular vector.
+  u_new = np.asarray(new_states['deq'][pz.HIDDEN_FREE])
+  top = np.linalg.svd(np.asarray(v, np.float64).reshape(-1, 16))[2][0]
+  np.testing.assert_allclose(np.linalg.norm(u_new), 1.0, rtol=1e-5)
+  assert abs(u_new @ top) > abs(np.asarray(u) @ top)
+
+
+def test_method_names_and_validation():
+  assert pz.as_parametrization('sn') == pz.Parametrization('sn')
+  assert pz.Parametrization('wn', mode='reparam').param_name == pz.HIDDEN_FREE
+  assert pz.Parametrization('wn').param_name == pz.HIDDEN_KERNEL
+  for bad in (dict(mode='both'), dict(bound='frobenius'), dict(method='orthogonal')):
+    with pytest.raises(ValueError, match=next(iter(bad.values()))):
+      pz.as_parametrization(pz.Parametrization(**bad))
+  k = _normal(28, (3, 3, 4, 4))
+  w, _ = pz.project_tree({'hidden_kernel': k}, None, 'wn')
+  assert float(abs_operator_bound(w['hidden_kernel'])) <= 0.95
 
 
 # --- initialisers -------------------------------------------------------------------
