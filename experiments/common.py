@@ -47,6 +47,8 @@ class Config:
   deq_scale: float = 0.95
   deq_stride: int | None = None   # stride of the DEQ's injection (model default if None)
   tail_strides: tuple[int, ...] | None = None  # of the 3 convs after the DEQ (2, 1, 1)
+  deq_param_mode: str = 'project'  # W projected after each step, or W(V) reparametrised
+  deq_bound: str = 'spectral'    # keep ||S||_2 <= deq_scale, or (looser) rho(S) <= deq_scale
   solver: str = 'anderson'
   tol: float = 1e-4
   max_iter: int = 50
@@ -72,6 +74,10 @@ class Config:
 RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resume', 'progress',
                'stop_after_steps', 'data_dir', 'epochs', 'eval_examples_per_epoch',
                'pgd_steps', 'pgd_restarts', 'test_examples')
+#: Fields added after runs had started, with their default (= the behaviour
+#: before them): left out of a checkpoint's identity while at it, so that
+#: those runs still resume.
+ADDED_FIELDS = {'deq_param_mode': 'project', 'deq_bound': 'spectral'}
 
 
 def parse_eps(text: str) -> float:
@@ -110,6 +116,11 @@ def validate(config: Config) -> Config:
     raise ValueError(f'--augment_pad must be >= 0, got {config.augment_pad}')
   if not 0 < config.deq_scale < 1:
     raise ValueError(f'--deq_scale must lie in (0, 1), got {config.deq_scale}')
+  if config.deq_param_mode not in ('project', 'reparam'):
+    raise ValueError(f"--deq_param_mode must be 'project' or 'reparam', got "
+                     f'{config.deq_param_mode!r}')
+  if config.deq_bound not in ('spectral', 'rho'):
+    raise ValueError(f"--deq_bound must be 'spectral' or 'rho', got {config.deq_bound!r}")
   if config.solver not in ('anderson', 'picard'):
     raise ValueError(f"--solver must be 'anderson' or 'picard', got {config.solver!r}")
   if config.loss not in ('fast_ibp', 'mixed'):
@@ -186,6 +197,12 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_integer('deq_stride', d.deq_stride, 'Stride of the DEQ injection (DEQ models).')
   flags.DEFINE_list('tail_strides', d.tail_strides and [str(s) for s in d.tail_strides],
                     'Strides of the three convs after the DEQ (DEQ models), e.g. 2,1,1.')
+  flags.DEFINE_string('deq_param_mode', d.deq_param_mode,
+                      "'project': the DEQ kernel W is projected after every optimiser step; "
+                      "'reparam': W = W(V) of a free V in the forward pass, differentiated.")
+  flags.DEFINE_string('deq_bound', d.deq_bound,
+                      "'spectral': keep ||S||_2 <= deq_scale; 'rho': keep the (looser) "
+                      'Perron-root bound rho(S) <= deq_scale, certified in a weighted sup-norm.')
   flags.DEFINE_string('solver', d.solver, "'anderson' or 'picard'.")
   flags.DEFINE_float('tol', d.tol, 'Relative residual tolerance of DEQ solves.')
   flags.DEFINE_integer('max_iter', d.max_iter, 'Iteration limit of DEQ solves.')
@@ -227,6 +244,7 @@ def config_from_flags(defaults: Config) -> Config:
       eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, reg_lambda=FLAGS.reg_lambda,
       augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
       deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
+      deq_param_mode=FLAGS.deq_param_mode, deq_bound=FLAGS.deq_bound,
       solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
       pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,

@@ -17,9 +17,10 @@ import time
 import jax
 import numpy as np
 
-from cerdeq_jax import checkpointing, data, models, parametrize, schedules, solvers, training
+from cerdeq_jax import (checkpointing, data, models, parametrize, reparam, schedules, solvers,
+                        training)
 from experiments import plots
-from experiments.common import RUN_CONTROL, Config
+from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def build_model(config: Config, dataset: data.Dataset):
       depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
       solver=solver_cls(tol=config.tol, max_iter=config.max_iter),
       deq_stride=config.deq_stride, tail_strides=config.tail_strides,
+      deq_param_mode=config.deq_param_mode, deq_bound=config.deq_bound,
       batch_norm=config.batch_norm)
 
 
@@ -173,7 +175,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   model, cfg, lr, tx, mesh, state, steps = setup(config, train_ds)
   spe = cfg.steps_per_epoch
 
-  identity = {k: v for k, v in config.to_json().items() if k not in RUN_CONTROL}
+  identity = {k: v for k, v in config.to_json().items()
+              if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), identity,
                                     config.keep_checkpoints)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -274,7 +277,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                config=config.to_json(), steps=step, devices=jax.device_count(),
                platform=jax.devices()[0].platform)
   if parametrization_of(model) is not None:
-    kernel = state.params['deq']['hidden_kernel']
+    kernel = reparam.hidden_kernel(state.params['deq'], state.spectral.get('deq'),
+                                   parametrization_of(model))
     final['hidden_singular_values'] = np.asarray(
         parametrize.singular_values(kernel)).tolist()
   ckpt.close()
@@ -298,7 +302,7 @@ def format_table(result: dict) -> str:
               f'{result["deq_iterations_mean"]:.1f} / {result["deq_iterations_max"]:.0f}'),
              ('DEQ bound solves converged', f'{result["deq_converged"]:.2f} %'),
              ('DEQ max residual', f'{result["deq_residual_max"]:.2e}'),
-             ('L bound on || |W| ||_2', f'{result["deq_lipschitz"]:.4f}')]
+             ('contraction bound min(L, rho)', f'{result["deq_lipschitz"]:.4f}')]
   width = max(len(r[0]) for r in rows)
   head = (f'{result["model"]} on {result["dataset"]} {result.get("split", "test")} '
           f'({result["examples"]} examples), '

@@ -203,6 +203,8 @@ def _bad_flag_cases(tmp, data_dir):
       'eps_nan': (['--eps=nan'] + ok, 'nan'),
       'model': (['--model=nope'] + ok, 'nope'),
       'batch_size': (['--batch_size=0'] + ok, 'batch_size'),
+      'deq_param_mode': (['--deq_param_mode=both'] + ok, 'deq_param_mode'),
+      'deq_bound': (['--deq_bound=frobenius'] + ok, 'deq_bound'),
       'workdir_unwritable': ([f'--data_dir={data_dir}', f'--workdir={blocker}/sub'],
                              'cannot be written'),
       'data_dir_missing': ([f'--data_dir={tmp}/no_such_dir', f'--workdir={work}'], 'no_such_dir'),
@@ -213,7 +215,8 @@ def _bad_flag_cases(tmp, data_dir):
 
 
 BAD_FLAG_CASES = ('eps_text', 'eps_negative', 'eps_too_big', 'eps_zero_division', 'eps_nan',
-                  'model', 'batch_size', 'workdir_unwritable', 'data_dir_missing', 'extra_argument')
+                  'model', 'batch_size', 'deq_param_mode', 'deq_bound', 'workdir_unwritable',
+                  'data_dir_missing', 'extra_argument')
 
 
 @pytest.mark.parametrize('case', BAD_FLAG_CASES)

@@ -10,11 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax import lax
 
-from cerdeq_jax import ibp, layers, models, parametrize, solvers, training
+from cerdeq_jax import ibp, layers, models, parametrize, reparam, solvers, training
 from cerdeq_jax.interval import Interval, linf_ball
 
 
@@ -176,6 +177,9 @@ MODELS = {
     'wide_resnet': dict(width=1),
     'resnext': dict(width=8),
     'cnn_depth': dict(width=4, dense=8, depth=3),
+    # name+variant: the model `name` with other DEQ parametrisation flags.
+    'cerdeq+reparam+rho': dict(width=4, dense=8, deq_param_mode='reparam', deq_bound='rho'),
+    'deq_sn+reparam': dict(width=4, dense=8, solver=PICARD, deq_param_mode='reparam'),
 }
 K = 3
 
@@ -188,7 +192,7 @@ def _variables(model, x):
 
 @pytest.mark.parametrize('name', list(MODELS))
 def test_model_bounds_lower_bound_exact_margins(name):
-  model = models.create(name, K, image_size=32, **MODELS[name])
+  model = models.create(name.split('+')[0], K, image_size=32, **MODELS[name])
   rng = np.random.default_rng(0)
   n = 2
   pixels = rng.uniform(size=(n, 8, 8, 3)).astype(np.float32)
@@ -234,7 +238,7 @@ def test_model_bounds_lower_bound_exact_margins(name):
   clean = lg[np.arange(n), np.asarray(labels)][:, None] - lg
   assert np.all(clean >= margins - 1e-5)
   assert np.max(clean - margins) > 1e-5
-  if name.startswith('deq') or name == 'cerdeq':
+  if name.startswith('deq') or name.startswith('cerdeq'):
     (stats,) = cols['deq_stats']['deq']['interval']
     assert np.all(np.asarray(stats.certifiable))
 
@@ -271,3 +275,58 @@ def test_image_size_64_adds_a_downsampling_stage(name, factor):
 def test_unknown_model_name_raises():
   with pytest.raises(ValueError):
     models.create('resnet9000', 10)
+
+
+class DEQNet(nn.Module):
+  """DEQ -> Flatten -> elided classifier: the DEQ is the only feature layer."""
+  parametrization: parametrize.Parametrization
+
+  @nn.compact
+  def __call__(self, x, labels=None, strict=True):
+    x = layers.DEQ(4, parametrization=self.parametrization,
+                   solver=solvers.Anderson(tol=1e-4, max_iter=40), name='deq')(x, strict)
+    return layers.ElidedDense(K)(layers.Flatten()(x), labels)
+
+
+@pytest.mark.parametrize('method, bound', [('bjorck', 'rho'), ('sn', 'spectral'),
+                                           ('wn', 'spectral')])
+def test_reparam_training_decreases_the_certified_loss(method, bound):
+  """Adam steps on the IBP loss of one batch in 'reparam' mode, with the
+  after-step update of `parametrize.project_tree` (V untouched, SN's u
+  advanced) as in `training.train_step`."""
+  p = parametrize.Parametrization(method, 0.9, mode='reparam', bound=bound)
+  model = DEQNet(p)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(16, 6, 6, K)), jnp.float32)
+  labels = jnp.argmax(jnp.mean(x, (1, 2)), -1)  # learnable from the input
+  box = Interval(x - 0.05, x + 0.05)
+  variables = jax.jit(model.init)(key(0), x)
+  params, spectral = variables['params'], variables.get(layers.SPECTRAL, {})
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, spectral, opt):
+    def loss_fn(params):
+      v = {'params': params, layers.SPECTRAL: spectral} if spectral else {'params': params}
+      margins = model.apply(v, box, labels, strict=False)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(-margins, labels))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    params, spectral = parametrize.project_tree(optax.apply_updates(params, updates),
+                                                spectral, p)
+    return params, spectral, opt, loss
+
+  state, losses = (params, spectral, tx.init(params)), []
+  for _ in range(15):
+    *state, loss = step(*state)
+    losses.append(float(loss))
+  new_params, new_spectral = state[0], state[1]
+  assert losses[-1] < 0.7 * losses[0] and np.all(np.diff(losses) < 0), np.round(losses, 3)
+  free = new_params['deq'][layers.HIDDEN_FREE]
+  assert np.max(np.abs(free - params['deq'][layers.HIDDEN_FREE])) > 1e-3
+  w = reparam.hidden_kernel(new_params['deq'], new_spectral.get('deq'), p)
+  assert float(parametrize.contraction_bound(w, bound)) <= p.scale
+  if method == 'sn':
+    u0, u1 = (s['deq'][layers.HIDDEN_FREE] for s in (spectral, new_spectral))
+    assert np.max(np.abs(u1 - u0)) > 1e-6
+    np.testing.assert_allclose(np.linalg.norm(u1), 1.0, rtol=1e-5)

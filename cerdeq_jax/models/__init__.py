@@ -18,14 +18,17 @@ def create(name: str, num_classes: int, *, image_size: int = 32, width: int | No
            depth: int = 7, deq_scale: float = 0.95, solver: solvers.Solver | None = None,
            adjoint_solver: solvers.Solver | None = None, dense: int = 512,
            deq_stride: int | None = None, tail_strides: tuple[int, ...] | None = None,
-           batch_norm: bool = True):
+           batch_norm: bool = True, deq_param_mode: str = 'project',
+           deq_bound: str = 'spectral'):
   """Builds a model by name (see `MODEL_NAMES`).
 
   ``image_size`` >= 64 adds a downsampling stage (Tiny-ImageNet); ``width`` is
   the base channel count (model-specific default when None); ``deq_stride``
   overrides the stride of the DEQ's injection (2 on 64x64 inputs, else 1),
   ``tail_strides`` those of the DEQ models' three convs after it (2, 1, 1);
-  ``batch_norm=False`` drops BatchNorm (DEQ and CNN models).
+  ``batch_norm=False`` drops BatchNorm (DEQ and CNN models). DEQ models:
+  ``deq_scale``, ``deq_param_mode`` ('project' | 'reparam') and ``deq_bound``
+  ('spectral' | 'rho') make their `parametrize.Parametrization`.
   """
   big = image_size >= 64
   if name in _DEQ_METHODS:
@@ -34,7 +37,8 @@ def create(name: str, num_classes: int, *, image_size: int = 32, width: int | No
     return CerDEQ(num_classes, w, (2 * w,) * 3 + ((2 * w,) if big else ()),
                   tuple(tail_strides or (2, 1, 1)) + ((2,) if big else ()), (dense,),
                   (stride, stride),
-                  parametrize.Parametrization(_DEQ_METHODS[name], deq_scale),
+                  parametrize.validate(parametrize.Parametrization(
+                      _DEQ_METHODS[name], deq_scale, mode=deq_param_mode, bound=deq_bound)),
                   solver or solvers.Anderson(tol=1e-4, max_iter=50), adjoint_solver,
                   batch_norm)
   if name == 'cnn7':

@@ -7,8 +7,12 @@ classifier). Putting the DEQ first lets it play the role of the explicit
 network's early layers, where IBP's bound growth starts; the tail is kept
 identical to CNN-7 so that the DEQ-vs-CNN comparison changes one thing. The
 same layout with ``parametrization.method`` 'wn' or 'sn' gives the DEQ+WN and
-DEQ+SN ablations. ``batch_norm=False`` drops every BatchNorm (classic IBP
-networks, whose bounds are far tighter at initialisation).
+DEQ+SN ablations. ``parametrization.mode`` 'reparam' makes W a differentiable
+function of a free parameter instead of projecting it after each step, and
+``parametrization.bound`` 'rho' keeps the Perron-root bound rho(S) <= scale
+instead of ||S||_2 <= scale (see `layers.DEQ`); the defaults ('project',
+'spectral') are the paper's. ``batch_norm=False`` drops every BatchNorm
+(classic IBP networks, whose bounds are far tighter at initialisation).
 """
 from __future__ import annotations
 
