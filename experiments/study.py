@@ -91,7 +91,10 @@ PLANS = {
 
 def run_flags(plan: Plan, run: Run) -> list[str]:
   """The model/data flags of a run (no budget): what a calibration is keyed by."""
-  return [*COMMON, *run.flags] + (['--validation_examples=10000'] if plan.validation else [])
+  name = lambda f: f.split('=')[0]
+  own = {name(f) for f in run.flags}
+  common = [f for f in COMMON if name(f) not in own]  # a run's own flags win
+  return [*common, *run.flags] + (['--validation_examples=10000'] if plan.validation else [])
 
 
 def budget_flags(minutes: float, seconds_per_step: float, steps_per_epoch: int) -> list[str]:
