@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 WORKDIR ?= runs/fashion_mnist_demo
 
-.PHONY: test demo benchmark report install install-data clean
+.PHONY: test demo benchmark report accelerator-check install install-data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ benchmark: install
 
 report: install
 	$(PY) -m experiments.report
+
+# On a GPU/TPU machine: tests, device-vs-CPU certificates, precision census and
+# step timings into docs/performance.md (experiments/accelerator_check.py).
+# PY=python3 uses an interpreter that already has JAX (no venv, no network);
+# CHECK_FLAGS=--dry_run runs it on the CPU at tiny shapes.
+accelerator-check: $(if $(filter $(VENV)/bin/python,$(PY)),install)
+	$(PY) -m experiments.accelerator_check $(CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -112,19 +112,23 @@ def core(repeats: int) -> dict:
   return res
 
 
-def train(repeats: int, batch_size: int) -> dict:
+def train(repeats: int, batch_size: int, names: tuple[str, ...] = ('cnn7', 'cerdeq'),
+          image_size: int = 32, model_kwargs: dict | None = None) -> dict:
   """Images/s of the certified and the natural train step (CNN-7 and CerDEQ,
-  CIFAR-10 sized input)."""
+  CIFAR-10 sized input). ``image_size`` and ``model_kwargs`` (e.g. ``width``,
+  ``dense`` of `models.create`) shrink them, as the accelerator check's dry
+  run does."""
   import jax
   import numpy as np
   import optax
   from cerdeq_jax import models, solvers, training
 
   res = {}
-  x = np.random.RandomState(0).randn(batch_size, 32, 32, 3).astype(np.float32)
+  x = np.random.RandomState(0).randn(batch_size, image_size, image_size, 3).astype(np.float32)
   batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
-  for name in ('cnn7', 'cerdeq'):
-    model = models.create(name, 10, solver=solvers.Anderson(tol=1e-3, max_iter=30))
+  for name in names:
+    model = models.create(name, 10, image_size=image_size,
+                          solver=solvers.Anderson(tol=1e-3, max_iter=30), **(model_kwargs or {}))
     cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
                                      steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
                                      parametrization=getattr(model, 'parametrization', None))

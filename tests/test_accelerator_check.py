@@ -1,0 +1,93 @@
+"""The accelerator check (`experiments.accelerator_check`) without an accelerator.
+
+Its dry run exercises every stage on the CPU at tiny shapes, so the script
+is known to work before a GPU/TPU machine is lent to run it for real.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import helpers_training as h
+from experiments import device_checks as dc
+
+
+def _check(args, tmp_path, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'experiments.accelerator_check'] + args,
+                        cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
+  out, docs = tmp_path / 'check.json', tmp_path / 'performance.md'
+  docs.write_text('# Performance\n')
+  result = _check(['--dry_run', f'--json_out={out}', f'--docs={docs}'], tmp_path)
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert report['dry_run'] and report['machine']['platform'] == 'cpu'
+  tests = report['tests']
+  assert tests['ok'] and 'tests collected' in tests['summary'], tests
+  same = report['device_vs_cpu']
+  assert same['ok'] and same['counts']['count'] == [16, 16], same
+  assert same['max_abs_margin_difference'] == 0 and same['samples_certified_differently'] == 0
+  for program in ('eval_step', 'bounds_pass'):
+    census = report['precision'][program]
+    assert census['total'] == census['dot_general'] + census['convolution'] > 0
+    assert 0 < census['highest'] <= census['total']
+  for model in ('cnn7', 'cerdeq'):
+    timing = report['train_steps'][f'{model}_batch8']
+    assert timing['natural']['seconds_per_step'] > 0 and timing['certified']['seconds_per_step'] > 0
+    assert timing['epochs_200_hours'] == pytest.approx(
+        dc.epochs_200_hours(timing['certified']['seconds_per_step'], 8))
+  assert 'with HIGHEST' in result.stdout and '200 epochs' in result.stdout
+  assert docs.read_text() == '# Performance\n'
+
+
+def test_without_an_accelerator_the_real_check_refuses(tmp_path):
+  result = _check([f'--json_out={tmp_path / "x.json"}'], tmp_path, timeout=120)
+  assert result.returncode == 2 and 'pass --dry_run' in result.stderr, result.stderr
+  assert not (tmp_path / 'x.json').exists()
+
+
+def test_replace_section_appends_then_replaces():
+  page = '# Performance\n\nText.\n'
+  once = dc.replace_section(page, 'figures 1')
+  assert once.startswith(page.rstrip('\n')) and once.count(dc.SECTION_BEGIN) == 1
+  twice = dc.replace_section(once + '\nAfter.\n', 'figures 2')
+  assert 'figures 1' not in twice and 'figures 2' in twice and twice.endswith('After.\n')
+  assert twice.count(dc.SECTION_BEGIN) == twice.count(dc.SECTION_END) == 1
+
+
+def test_precision_census_counts_highest_ops():
+  text = '\n'.join([
+      '%0 = stablehlo.convolution(%a, %b) {precision_config = [#stablehlo<precision HIGHEST>, '
+      '#stablehlo<precision HIGHEST>]}',
+      '%1 = stablehlo.dot_general %a, %b, precision = [DEFAULT, DEFAULT]',
+      '%2 = stablehlo.dot_general %a, %b, precision = [HIGHEST, HIGHEST]',
+      '%3 = stablehlo.add %a, %b'])
+  assert dc.precision_census(text) == {'dot_general': 2, 'convolution': 1, 'total': 3,
+                                       'highest': 2}
+
+
+def test_epochs_200_estimate():
+  # 50,000 / 128 steps per epoch, 200 epochs, 0.5 s each: 10.85 hours.
+  assert dc.epochs_200_hours(0.5, 128) == pytest.approx(50_000 / 128 * 200 * 0.5 / 3600)
+
+
+def test_compare_evaluations_flags_a_disagreement():
+  labels = np.array([0, 1])
+  margins = np.array([[0.0, 0.5], [-0.1, 0.0]])
+  sums = {'count': 2.0, 'correct': 2.0, 'certified': 1.0}
+  run = lambda m, s: {'labels': labels, 'margins': m, 'sums': s}
+  assert dc.compare_evaluations(run(margins, sums), run(margins, sums))['ok']
+  shifted = dc.compare_evaluations(run(margins - 0.6, sums), run(margins, sums))
+  assert not shifted['ok'] and shifted['samples_certified_differently'] == 1
+  assert shifted['max_abs_margin_difference'] == pytest.approx(0.6)
+  counted = dc.compare_evaluations(run(margins, dict(sums, certified=0.0)), run(margins, sums))
+  assert not counted['ok'] and counted['counts']['certified'] == (0.0, 1.0)
+  nan = dc.compare_evaluations(run(np.where(margins > 0.4, np.nan, margins), sums),
+                               run(margins, sums))
+  assert not nan['ok'] and not nan['same_non_finite_margins']
