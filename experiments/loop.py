@@ -149,7 +149,7 @@ def setup(config: Config, train_ds: data.Dataset):
   return model, cfg, lr, tx, mesh, state, steps
 
 
-def time_train_step(config: Config, repeats: int = 10) -> dict:
+def time_train_step(config: Config, repeats: int = 20) -> dict:
   """``seconds_per_step``: the median wall time of one certified train step at
   full ε on real batches (after compilation), the unit of a study's time
   budgets; and ``steps_per_epoch``."""
