@@ -1,10 +1,10 @@
 """cerdeq_jax: certifiably robust Deep Equilibrium Models in JAX/Flax.
 
-Public API (re-exported here); submodules: `ibp`, `solvers`, `implicit`, `deq`,
-`parametrize` (with `orthogonal`, `reparam`, `initializers`), `layers`, `models`,
-`losses`, `schedules`, `attacks`, `training`, `checkpointing`, `data`.
+Public API (re-exported here); submodules: `ibp`, `crown` (with `graph`), `solvers`,
+`implicit`, `deq`, `parametrize` (with `orthogonal`, `reparam`, `initializers`), `layers`,
+`models`, `losses`, `schedules`, `attacks`, `training`, `checkpointing`, `data`.
 """
-from cerdeq_jax import attacks, deq, ibp, implicit, layers, losses, models, ops
+from cerdeq_jax import attacks, crown, deq, graph, ibp, implicit, layers, losses, models, ops
 from cerdeq_jax import initializers, orthogonal, parametrize, reparam, schedules, solvers
 from cerdeq_jax.attacks import pgd
 from cerdeq_jax.deq import DEQStats, abs_operator_bound, solve_deq

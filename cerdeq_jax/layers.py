@@ -89,6 +89,13 @@ class Conv(nn.Module):
     return y if bias is None else y + bias
 
 
+def batch_norm_affine(scale, bias, mean, var, epsilon):
+  """BatchNorm as the per-channel affine map ``z -> mul * z + shift``; all
+  arguments ``(C,)`` (epsilon a scalar). Returns ``(mul, shift)``."""
+  mul = scale * jax.lax.rsqrt(var + epsilon)
+  return mul, bias - mean * mul
+
+
 class BatchNorm(nn.Module):
   """Batch normalisation over all axes but the last, for arrays and intervals.
 
@@ -134,8 +141,7 @@ class BatchNorm(nn.Module):
       if self.is_mutable_collection(BATCH_MOMENTS) and not self.is_initializing():
         self.put_variable(BATCH_MOMENTS, 'mean', mean)
         self.put_variable(BATCH_MOMENTS, 'var', var)
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    shift = bias - mean * mul
+    mul, shift = batch_norm_affine(scale, bias, mean, var, self.epsilon)
     if _is_box(x):
       return ibp.scale_shift(x, mul, shift)
     return x * mul + shift
