@@ -19,11 +19,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cerdeq_jax import attacks, ibp, losses, parametrize, schedules
+from cerdeq_jax import attacks, crown, ibp, losses, parametrize, schedules
 from cerdeq_jax.interval import Interval, linf_ball
 from cerdeq_jax.layers import BATCH_MOMENTS, SPECTRAL
 
 DATA_AXIS = 'data'
+#: Bounds of the certified loss (`CertifiedTraining.method`).
+METHODS = ('ibp', 'crown_ibp')
+#: Extra verifiers of `eval_step`: CROWN-IBP, or CROWN with CROWN intermediate bounds.
+VERIFIERS = ('crown_ibp', 'crown')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,11 @@ class CertifiedTraining:
   taken at ``reg_min_eps`` (published ``--min-eps-reg``, certified.py:66-67)
   and the loss is the natural one plus the regulariser. ``reg_lambda = 0``
   (or ``eps = 0``) turns them off.
+
+  ``method``: the bound of the certified loss. ``'ibp'``; or ``'crown_ibp'``
+  (Zhang et al. 2020): ``β·CROWN-IBP + (1-β)·IBP`` margin bounds with
+  ``β = 1 - (1 - beta_end)·ε/eps`` (the published train.py: 1 at ε = 0,
+  ``beta_end`` at the full ε; the CROWN pass is skipped where β < 1e-5).
   """
   eps: float
   mean: tuple[float, ...]
@@ -60,12 +69,16 @@ class CertifiedTraining:
   reg_tau: float = 0.5
   reg_min_eps: float = 1e-6
   parametrization: parametrize.Parametrization | None = None
+  method: str = 'ibp'
+  beta_end: float = 0.0
 
   def __post_init__(self):
     if not np.isfinite(self.eps) or self.eps < 0:
       raise ValueError(f'eps must be a finite number >= 0, got {self.eps}.')
     if self.loss not in ('fast_ibp', 'mixed'):
       raise ValueError(f"loss must be 'fast_ibp' or 'mixed', got {self.loss!r}.")
+    if self.method not in METHODS:
+      raise ValueError(f'method must be one of {METHODS}, got {self.method!r}.')
 
   def epsilon(self, step):
     return schedules.epsilon(step, self.eps, self.steps_per_epoch,
@@ -74,6 +87,15 @@ class CertifiedTraining:
   def kappa(self, step):
     return schedules.kappa(step, self.steps_per_epoch, self.eps_start_epochs,
                            self.eps_length_epochs, self.kappa_start, self.kappa_end)
+
+  def beta(self, step):
+    """CROWN-IBP's weight of the CROWN-IBP bound (1 -> ``beta_end`` with ε)."""
+    return 1 - (1 - self.beta_end) * self.epsilon(step) / max(self.eps, 1e-12)
+
+  def is_crown_step(self, step: int) -> bool:
+    """Host-side: whether the loss at ``step`` needs the CROWN-IBP pass."""
+    return (self.method == 'crown_ibp' and self.is_certified_step(step)
+            and float(self.beta(step)) >= 1e-5)
 
   def is_certified_step(self, step: int) -> bool:
     """Host-side: whether the loss at ``step`` is on bounds (ε > 0)."""
@@ -89,16 +111,18 @@ class CertifiedTraining:
   def step_kind(self, step: int) -> 'StepKind':
     """Which compiled train step runs at ``step``: a pure function of the
     step, so that a resumed run takes the same steps as an uninterrupted one."""
-    return StepKind(self.is_certified_step(step), self.is_regularised_step(step))
+    return StepKind(self.is_certified_step(step), self.is_regularised_step(step),
+                    self.is_crown_step(step))
 
 
 class StepKind(NamedTuple):
   """The static variant of a train step. ``certified``: the loss is on the
   bounds at the scheduled ε > 0 (else the natural loss); ``regularised``: the
   warm-up regularisers are added (their bounds then run even when not
-  ``certified``)."""
+  ``certified``); ``crown``: the certified loss mixes in CROWN-IBP bounds."""
   certified: bool
   regularised: bool
+  crown: bool = False
 
   @property
   def bounds(self) -> bool:
@@ -179,8 +203,14 @@ def _loss_fn(params, state: TrainState, batch, model, cfg: CertifiedTraining, ki
     # The warm-up's bounds at ε = 0 would be points: take them at a tiny ε.
     box = linf_ball(x, eps if kind.certified else cfg.reg_min_eps, cfg.mean, cfg.std)
     mutable = ['batch_stats', 'deq_stats'] + (['preactivations'] if kind.regularised else [])
-    (logits, margins), cols = clean_and_bounds(model, variables, x, box, labels, train=True,
-                                               mutable=mutable)
+    if kind.crown:
+      bounds, cols = crown.clean_and_bounds(model, variables, x, box, labels, True, mutable)
+      beta = cfg.beta(state.step)
+      logits, margins = bounds.logits, crown.mixed_margins(bounds, beta)
+      metrics.update(crown_beta=beta, crown_gain=jnp.mean(bounds.crown - bounds.ibp))
+    else:
+      (logits, margins), cols = clean_and_bounds(model, variables, x, box, labels, train=True,
+                                                 mutable=mutable)
     natural = losses.natural_cross_entropy(logits, labels)
     robust = losses.robust_cross_entropy(margins)
     if not kind.certified:
@@ -223,22 +253,38 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
 
 
 def eval_step(state: TrainState, batch, key, *, model: nn.Module, cfg: CertifiedTraining,
-              eps: float, pgd_steps: int = 10, pgd_restarts: int = 1) -> dict:
+              eps: float, pgd_steps: int = 10, pgd_restarts: int = 1,
+              verifier: str | None = None, crown_max_neurons: int | None = None) -> dict:
   """Sums over the real (``mask``) examples of a batch: ``count``,
   ``correct``, ``certified`` (sound bounds: margins > 0 for every j != y, every
   DEQ solve certifiable), ``pgd_robust`` (no PGD point misclassified), and
-  interval-solver statistics."""
+  interval-solver statistics.
+
+  ``verifier`` (one of `VERIFIERS`) adds ``certified_crown``: certified by IBP
+  *or* by CROWN(-IBP) (both are sound; neither dominates), with CROWN
+  intermediate bounds for layers of at most ``crown_max_neurons`` neurons
+  ('crown'). A DEQ is then a cut: IBP through it, CROWN after it."""
   x, labels, mask = batch['image'], batch['label'], batch['mask']
   variables = state.variables()
   box = linf_ball(x, eps, cfg.mean, cfg.std)
-  (logits, margins), cols = clean_and_bounds(model, variables, x, box, labels, train=False,
-                                             mutable=['deq_stats'])
+  if verifier is None:
+    (logits, margins), cols = clean_and_bounds(model, variables, x, box, labels, train=False,
+                                               mutable=['deq_stats'])
+  else:
+    bounds, cols = crown.clean_and_bounds(
+        model, variables, x, box, labels, False, ['deq_stats'],
+        'crown' if verifier == 'crown' else 'ibp', crown_max_neurons)
+    logits, margins = bounds.logits, bounds.ibp
   correct = jnp.argmax(logits, -1) == labels
   # NaN margins (infinite bounds of a non-certifiable DEQ solve) do not certify.
   certified = correct & ibp.certified(margins, labels)
   interval_stats = sown(cols.get('deq_stats'), 'interval')
   for s in interval_stats:
     certified = certified & s.certifiable
+  if verifier is not None:
+    certified_crown = certified | (correct & ibp.certified(bounds.crown, labels))
+    for s in interval_stats:
+      certified_crown = certified_crown & s.certifiable
   logits_fn = lambda z: model.apply(variables, z, train=False)
   _, broken = attacks.pgd(logits_fn, x, labels, box, key, pgd_steps, pgd_restarts)
   pgd_robust = correct & ~broken
@@ -247,6 +293,9 @@ def eval_step(state: TrainState, batch, key, *, model: nn.Module, cfg: Certified
          'certified': jnp.sum(m * certified), 'pgd_robust': jnp.sum(m * pgd_robust),
          # A certified sample that PGD breaks would mean unsound bounds.
          'certified_but_broken': jnp.sum(m * (certified & broken))}
+  if verifier is not None:
+    out.update(certified_crown=jnp.sum(m * certified_crown),
+               certified_but_broken=jnp.sum(m * (certified_crown & broken)))
   if interval_stats:
     it = jnp.stack([s.iterations for s in interval_stats]).astype(jnp.float32)
     out.update(deq_iterations_sum=jnp.sum(m * jnp.mean(it, 0)),
@@ -281,7 +330,10 @@ class Steps:
   """The jit-compiled train and eval steps of a model on a mesh."""
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, cfg: CertifiedTraining,
-               mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1):
+               mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1,
+               verifier: str | None = None, crown_max_neurons: int | None = None):
+    if verifier is not None and verifier not in VERIFIERS:
+      raise ValueError(f'verifier must be None or one of {VERIFIERS}, got {verifier!r}.')
     self.cfg, self.mesh = cfg, mesh
     self._model, self._tx = model, tx
     data = NamedSharding(mesh, P(DATA_AXIS))
@@ -290,7 +342,8 @@ class Steps:
     self._train: dict[StepKind, Any] = {}
     self._eval = jax.jit(
         lambda s, b, k, eps: eval_step(s, b, k, model=model, cfg=cfg, eps=eps,
-                                       pgd_steps=pgd_steps, pgd_restarts=pgd_restarts),
+                                       pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
+                                       verifier=verifier, crown_max_neurons=crown_max_neurons),
         in_shardings=(repl, data, repl, repl), out_shardings=repl)
 
   def compiled_train(self, kind: StepKind):

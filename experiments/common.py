@@ -19,6 +19,8 @@ FLAGS = flags.FLAGS
 
 DATASETS = ('fashion_mnist', 'cifar10', 'tiny_imagenet')
 MODELS = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth')
+METHODS = ('ibp', 'crown_ibp')
+VERIFIERS = ('ibp', 'crown_ibp', 'crown')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Config:
   eps_start_epochs: float = 1
   eps_length_epochs: float = 80
   loss: str = 'fast_ibp'
+  method: str = 'ibp'            # bound of the certified loss: 'ibp' | 'crown_ibp'
   reg_lambda: float = 0.5
   augment_pad: int = 2
   flip: bool = True
@@ -58,6 +61,8 @@ class Config:
   eval_examples_per_epoch: int | None = 1000
   pgd_steps: int = 10
   pgd_restarts: int = 1
+  verifier: str = 'ibp'          # evaluation: 'ibp', or also 'crown_ibp' / 'crown'
+  crown_max_neurons: int | None = None  # 'crown': IBP bounds for wider layers
   data_dir: str | None = None
   # run control
   checkpoint_every_steps: int = 500
@@ -73,11 +78,11 @@ class Config:
 
 RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resume', 'progress',
                'stop_after_steps', 'data_dir', 'epochs', 'eval_examples_per_epoch',
-               'pgd_steps', 'pgd_restarts', 'test_examples')
+               'pgd_steps', 'pgd_restarts', 'test_examples', 'verifier', 'crown_max_neurons')
 #: Fields added after runs had started, with their default (= the behaviour
 #: before them): left out of a checkpoint's identity while at it, so that
 #: those runs still resume.
-ADDED_FIELDS = {'deq_param_mode': 'project', 'deq_bound': 'spectral'}
+ADDED_FIELDS = {'deq_param_mode': 'project', 'deq_bound': 'spectral', 'method': 'ibp'}
 
 
 def parse_eps(text: str) -> float:
@@ -125,6 +130,12 @@ def validate(config: Config) -> Config:
     raise ValueError(f"--solver must be 'anderson' or 'picard', got {config.solver!r}")
   if config.loss not in ('fast_ibp', 'mixed'):
     raise ValueError(f"--loss must be 'fast_ibp' or 'mixed', got {config.loss!r}")
+  if config.method not in METHODS:
+    raise ValueError(f'--method must be one of {", ".join(METHODS)}, got {config.method!r}')
+  if config.verifier not in VERIFIERS:
+    raise ValueError(f'--verifier must be one of {", ".join(VERIFIERS)}, got {config.verifier!r}')
+  if config.crown_max_neurons is not None and config.crown_max_neurons <= 0:
+    raise ValueError(f'--crown_max_neurons must be positive, got {config.crown_max_neurons}')
   if not math.isfinite(config.eps) or not 0 <= config.eps <= 1:
     raise ValueError(f'--eps must lie in [0, 1], got {config.eps}')
   # An explicit --data_dir that does not exist is a mistake; the loaders would
@@ -189,6 +200,10 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_float('eps_start_epochs', d.eps_start_epochs, 'Epochs at ε = 0.')
   flags.DEFINE_float('eps_length_epochs', d.eps_length_epochs, 'Epochs of the ε ramp.')
   flags.DEFINE_string('loss', d.loss, "'fast_ibp' or 'mixed' (κ annealed 1 -> 0.5).")
+  flags.DEFINE_string('method', d.method,
+                      "Bound of the certified loss: 'ibp' (Fast-IBP) or 'crown_ibp' "
+                      '(β·CROWN-IBP + (1-β)·IBP, β: 1 -> 0 with ε; DEQ models: CROWN after the '
+                      'DEQ).')
   flags.DEFINE_float('reg_lambda', d.reg_lambda, 'Weight of the warm-up regularisers.')
   flags.DEFINE_integer('augment_pad', d.augment_pad,
                        'Random-crop edge padding in pixels (0: no crop).')
@@ -208,6 +223,12 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_integer('max_iter', d.max_iter, 'Iteration limit of DEQ solves.')
   flags.DEFINE_integer('pgd_steps', d.pgd_steps, 'PGD steps per restart.')
   flags.DEFINE_integer('pgd_restarts', d.pgd_restarts, 'PGD restarts.')
+  flags.DEFINE_string('verifier', d.verifier,
+                      "Evaluation bounds: 'ibp'; 'crown_ibp' or 'crown' also report "
+                      'certified_crown_error (certified by IBP or by CROWN).')
+  flags.DEFINE_integer('crown_max_neurons', d.crown_max_neurons,
+                       "--verifier=crown: layers with more neurons per sample keep IBP "
+                       'bounds (full CROWN costs a backward pass per neuron).')
   flags.DEFINE_string('data_dir', d.data_dir, 'Folder with the dataset files.')
   flags.DEFINE_integer('checkpoint_every_steps', d.checkpoint_every_steps,
                        'Save a checkpoint every N steps (and at each epoch end).')
@@ -241,7 +262,9 @@ def config_from_flags(defaults: Config) -> Config:
       width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, batch_norm=FLAGS.batch_norm,
       lr=FLAGS.lr,
       milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
-      eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, reg_lambda=FLAGS.reg_lambda,
+      eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, method=FLAGS.method,
+      reg_lambda=FLAGS.reg_lambda, verifier=FLAGS.verifier,
+      crown_max_neurons=FLAGS.crown_max_neurons,
       augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
       deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
       deq_param_mode=FLAGS.deq_param_mode, deq_bound=FLAGS.deq_bound,

@@ -97,6 +97,8 @@ def evaluate(steps: training.Steps, state, dataset: data.Dataset, config: Config
             'pgd_error': 100 * (1 - sums['pgd_robust'] / n),
             'certified_error': 100 * (1 - sums['certified'] / n),
             'certified_but_broken': int(sums['certified_but_broken'])}
+  if 'certified_crown' in sums:  # certified by IBP or by CROWN(-IBP): config.verifier
+    result['certified_crown_error'] = 100 * (1 - sums['certified_crown'] / n)
   result['eval_time_s'] = time.time() - t0
   if 'deq_iterations_sum' in sums:
     result.update(deq_iterations_mean=sums['deq_iterations_sum'] / n,
@@ -137,7 +139,7 @@ def setup(config: Config, train_ds: data.Dataset):
       eps=config.eps, mean=train_ds.mean, std=train_ds.std, steps_per_epoch=spe,
       eps_start_epochs=config.eps_start_epochs, eps_length_epochs=config.eps_length_epochs,
       loss=config.loss, reg_lambda=config.reg_lambda,
-      parametrization=parametrization_of(model))
+      parametrization=parametrization_of(model), method=config.method)
   lr = schedules.learning_rate(config.lr, spe, config.milestones)
   tx = schedules.optimizer(lr, config.clip_norm)
   mesh = training.make_mesh()
@@ -145,7 +147,9 @@ def setup(config: Config, train_ds: data.Dataset):
   state = training.init_state(model, tx, jax.random.PRNGKey(config.seed), sample[:1],
                               cfg.parametrization)
   state = training.replicate(mesh, state)
-  steps = training.Steps(model, tx, cfg, mesh, config.pgd_steps, config.pgd_restarts)
+  steps = training.Steps(model, tx, cfg, mesh, config.pgd_steps, config.pgd_restarts,
+                         None if config.verifier == 'ibp' else config.verifier,
+                         config.crown_max_neurons)
   return model, cfg, lr, tx, mesh, state, steps
 
 
@@ -297,6 +301,9 @@ def format_table(result: dict) -> str:
   rows = [('standard error', f'{result["standard_error"]:.2f} %'),
           ('PGD error', f'{result["pgd_error"]:.2f} %'),
           ('certified error', f'{result["certified_error"]:.2f} %')]
+  if 'certified_crown_error' in result:
+    rows.append((f'certified error, IBP or {result.get("config", {}).get("verifier", "CROWN")}',
+                 f'{result["certified_crown_error"]:.2f} %'))
   if 'deq_iterations_mean' in result:
     rows += [('DEQ bound iterations (mean / max)',
               f'{result["deq_iterations_mean"]:.1f} / {result["deq_iterations_max"]:.0f}'),

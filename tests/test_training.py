@@ -118,11 +118,12 @@ def test_step_kind_follows_the_published_schedule():
   off = training.CertifiedTraining(eps=0.1, mean=(0.,), std=(1.,), steps_per_epoch=3,
                                    eps_start_epochs=1, eps_length_epochs=2, reg_lambda=0.0)
   assert [off.step_kind(s) for s in (0, 3, 4, 9)] == [
-      (False, False), (False, False), (True, False), (True, False)]
+      training.StepKind(False, False), training.StepKind(False, False),
+      training.StepKind(True, False), training.StepKind(True, False)]
   assert not off.step_kind(0).bounds
   # ε = 0 runs are natural throughout.
   nat = training.CertifiedTraining(eps=0.0, mean=(0.,), std=(1.,), steps_per_epoch=3)
-  assert {nat.step_kind(s) for s in range(0, 200, 7)} == {(False, False)}
+  assert {nat.step_kind(s) for s in range(0, 200, 7)} == {training.StepKind(False, False)}
 
 
 class _DenseBN:
