@@ -438,3 +438,22 @@ def test_study_budget_is_minutes_over_step_time():
   assert float(flags_['eps_length_epochs']) == pytest.approx(study.SCHEDULE['eps_length'] * 12)
   assert [float(m) for m in flags_['milestones'].split(',')] == pytest.approx(
       [m * 12 for m in study.SCHEDULE['milestones']])
+
+
+def test_main_job_is_the_main_plans_cerdeq_run():
+  """`make demo` (the experiment's defaults) and `study --plan=main` seed 0 are one run."""
+  from experiments import fashion_mnist, study
+  plan = study.PLANS['main']
+  run = next(r for r in plan.runs if r.name == 'cerdeq_s0')
+  with open(os.path.join(h.REPO, 'docs', 'results', 'calibration.json')) as f:
+    seconds = json.load(f)[' '.join(study.model_flags(run))]['seconds_per_step']
+  args = study.run_flags(plan, run) + study.budget_flags(
+      plan.minutes, seconds, study.steps_per_epoch(plan, run))
+  d = fashion_mnist.DEFAULTS
+  given = dict(a.lstrip('-').split('=', 1) for a in args if '=' in a)
+  assert given.pop('model') == d.model and float(given.pop('eps')) == d.eps
+  assert int(given.pop('train_examples')) >= 60000 and d.train_examples is None
+  assert given.pop('progress') == 'false'
+  assert [float(m) for m in given.pop('milestones').split(',')] == list(d.milestones)
+  for name, value in given.items():
+    assert type(getattr(d, name))(value) == getattr(d, name), name
