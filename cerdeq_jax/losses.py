@@ -118,3 +118,12 @@ def warmup_weight(eps, eps_max: float, lam: float):
   warm-up, even though its bounds are taken at a tiny ε): the regularisers
   fade out as ε reaches its max (regularization.py:143)."""
   return lam * (1 - eps / eps_max)
+
+
+def hinge_loss(margins, mix: float = 1.0) -> jax.Array:
+  """The ℓ∞-dist Net hinge loss (zbh2047/L_inf-dist-net, main.py ``hinge``) on
+  margins ``(N, K)`` (lower bounds of ``logit_y - logit_j``, 0 at ``j = y``):
+  ``mix·mean_n(max_j relu(-m_nj)) + (1 - mix)·mean_nj(relu(-m_nj))``. A
+  threshold θ enters through the margins (e.g. ``m - 2r``)."""
+  violation = jax.nn.relu(-margins)
+  return mix * jnp.mean(jnp.max(violation, -1)) + (1 - mix) * jnp.mean(violation)

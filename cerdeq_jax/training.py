@@ -25,7 +25,7 @@ from cerdeq_jax.layers import BATCH_MOMENTS, SPECTRAL
 
 DATA_AXIS = 'data'
 #: Bounds of the certified loss (`CertifiedTraining.method`).
-METHODS = ('ibp', 'crown_ibp')
+METHODS = ('ibp', 'crown_ibp', 'linf_dist')
 #: Extra verifiers of `eval_step`: CROWN-IBP, or CROWN with CROWN intermediate bounds.
 VERIFIERS = ('crown_ibp', 'crown')
 
@@ -55,6 +55,9 @@ class CertifiedTraining:
   (Zhang et al. 2020): ``β·CROWN-IBP + (1-β)·IBP`` margin bounds with
   ``β = 1 - (1 - beta_end)·ε/eps`` (the published train.py: 1 at ε = 0,
   ``beta_end`` at the full ε; the CROWN pass is skipped where β < 1e-5).
+  ``'linf_dist'``: the ℓ∞-dist Net objective of ``linf`` (a
+  `linf_training.LinfTraining`: p schedule, Lipschitz radius, hinge loss); its
+  certificates are the model's interval margins at p = ∞ as for any model.
   """
   eps: float
   mean: tuple[float, ...]
@@ -71,6 +74,7 @@ class CertifiedTraining:
   parametrization: parametrize.Parametrization | None = None
   method: str = 'ibp'
   beta_end: float = 0.0
+  linf: Any = None
 
   def __post_init__(self):
     if not np.isfinite(self.eps) or self.eps < 0:
@@ -79,6 +83,8 @@ class CertifiedTraining:
       raise ValueError(f"loss must be 'fast_ibp' or 'mixed', got {self.loss!r}.")
     if self.method not in METHODS:
       raise ValueError(f'method must be one of {METHODS}, got {self.method!r}.')
+    if (self.method == 'linf_dist') != (self.linf is not None):
+      raise ValueError("method 'linf_dist' goes with linf= (a LinfTraining), and only it.")
 
   def epsilon(self, step):
     return schedules.epsilon(step, self.eps, self.steps_per_epoch,
@@ -111,6 +117,8 @@ class CertifiedTraining:
   def step_kind(self, step: int) -> 'StepKind':
     """Which compiled train step runs at ``step``: a pure function of the
     step, so that a resumed run takes the same steps as an uninterrupted one."""
+    if self.method == 'linf_dist':  # one step: its schedules are traced
+      return StepKind(True, False)
     return StepKind(self.is_certified_step(step), self.is_regularised_step(step),
                     self.is_crown_step(step))
 
@@ -194,7 +202,17 @@ def _loss_fn(params, state: TrainState, batch, model, cfg: CertifiedTraining, ki
   x, labels = batch['image'], batch['label']
   variables = state.variables(params)
   metrics = {}
-  if not kind.bounds:
+  if cfg.method == 'linf_dist':
+    lt = cfg.linf
+    p, radius = lt.p(state.step), lt.radius(state.step, cfg.std)
+    (logits, margins), cols = model.apply(variables, x, train=True, labels=labels, p=p,
+                                          radius=radius, mutable=['batch_stats'])
+    loss = lt.objective(logits, margins, labels)
+    metrics.update(natural_loss=losses.natural_cross_entropy(logits, labels),
+                   robust_loss=losses.robust_cross_entropy(margins), eps=lt.eps(state.step),
+                   linf_p=jnp.minimum(p, 1e6),   # ∞ shown as 1e6 in the logs
+                   train_certified=jnp.mean(ibp.certified(margins, labels)), deq={})
+  elif not kind.bounds:
     logits, cols = model.apply(variables, x, train=True, mutable=['batch_stats', 'deq_stats'])
     loss = losses.natural_cross_entropy(logits, labels)
     metrics['deq'] = deq_summary(sown(cols.get('deq_stats'), 'nominal'))

@@ -12,7 +12,7 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'all'], 'Which benchmarks.')
+flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'linf', 'all'], 'Which benchmarks.')
 flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results.')
 flags.DEFINE_integer('repeats', 5, 'Timed repetitions (the median is reported).')
 flags.DEFINE_integer('batch_size', 128, 'Batch size of the train-step benchmark.')
@@ -113,11 +113,14 @@ def core(repeats: int) -> dict:
 
 
 def train(repeats: int, batch_size: int, names: tuple[str, ...] = ('cnn7', 'cerdeq'),
-          image_size: int = 32, model_kwargs: dict | None = None) -> dict:
+          image_size: int = 32, model_kwargs: dict | None = None,
+          crown: bool = False, linf_width: int | None = None) -> dict:
   """Images/s of the certified and the natural train step (CNN-7 and CerDEQ,
-  CIFAR-10 sized input). ``image_size`` and ``model_kwargs`` (e.g. ``width``,
-  ``dense`` of `models.create`) shrink them, as the accelerator check's dry
-  run does."""
+  CIFAR-10 sized input); with ``crown``, for CNN-7 also of the CROWN-IBP step
+  (β > 0, i.e. during the ε ramp) and, with ``linf_width``, of the ℓ∞-dist Net
+  step (5 layers of ``linf_width`` neurons; published: 5120). ``image_size`` and
+  ``model_kwargs`` (e.g. ``width``, ``dense`` of `models.create`) shrink them,
+  as the accelerator check's dry run does."""
   import jax
   import numpy as np
   import optax
@@ -138,21 +141,90 @@ def train(repeats: int, batch_size: int, names: tuple[str, ...] = ('cnn7', 'cerd
     state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
                                                          x[:1], cfg.parametrization))
     out = {}
-    for certified in (False, True):
-      step_fn = steps.compiled_train(training.StepKind(certified=certified, regularised=False))
-      gb = training.global_batch(mesh, batch)
-      holder = [state]
-
-      def run():
-        holder[0], m = step_fn(holder[0], gb)
-        return m
-      t = _timeit(run, repeats=repeats)
-      out['certified' if certified else 'natural'] = {'seconds_per_step': t,
-                                                      'images_per_s': batch_size / t}
-      state = holder[0]
+    kinds = {'natural': training.StepKind(False, False), 'certified': training.StepKind(True, False)}
+    if crown and name == 'cnn7':
+      kinds['crown_ibp'] = training.StepKind(True, False, crown=True)
+    for label, kind in kinds.items():
+      out[label], state = _time_step(steps.compiled_train(kind), state,
+                                     training.global_batch(mesh, batch), batch_size, repeats)
     out['certified_over_natural_time'] = (out['certified']['seconds_per_step']
                                           / out['natural']['seconds_per_step'])
+    if 'crown_ibp' in out:
+      out['crown_ibp_over_certified_time'] = (out['crown_ibp']['seconds_per_step']
+                                              / out['certified']['seconds_per_step'])
     res[name] = out
+  if linf_width:
+    res['linf_dist'] = _linf_step(repeats, batch_size, image_size, linf_width)
+  return res
+
+
+def _time_step(step_fn, state, global_batch, batch_size, repeats):
+  """Median seconds of a compiled train step; returns ``(timing, state)``."""
+  holder = [state]
+
+  def run():
+    holder[0], m = step_fn(holder[0], global_batch)
+    return m
+  t = _timeit(run, repeats=repeats)
+  return {'seconds_per_step': t, 'images_per_s': batch_size / t}, holder[0]
+
+
+def _linf_step(repeats, batch_size, image_size, width):
+  """The ℓ∞-dist Net train step (traced p < ∞, the general ℓp path) on
+  CIFAR-sized input."""
+  import jax
+  import numpy as np
+  from cerdeq_jax import linf_training, models, training
+  x = np.random.RandomState(0).rand(batch_size, image_size, image_size, 3).astype(np.float32)
+  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
+  model = models.create('linf_dist', 10, width=width, depth=5)
+  linf = linf_training.LinfTraining(8 / 255, 1, p_start_epochs=0, p_end_epochs=10)
+  cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.,) * 3, std=(1.,) * 3, steps_per_epoch=1,
+                                   method='linf_dist', linf=linf)
+  tx, _ = linf_training.optimizer(0.02, 1, 10, 5e-3, linf)
+  mesh = training.make_mesh()
+  steps = training.Steps(model, tx, cfg, mesh)
+  state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0), x[:1]))
+  out, _ = _time_step(steps.compiled_train(cfg.step_kind(0)), state,
+                      training.global_batch(mesh, batch), batch_size, repeats)
+  out['layers'] = f'5 x {width} neurons, input {image_size}x{image_size}x3'
+  return out
+
+
+def linf(repeats: int, batch: int = 128, inputs: int = 784, width: int = 2048) -> dict:
+  """One ℓ∞-dist layer, forward + gradient (x and w): the chunked custom-VJP
+  ops against plain autodiff of the whole ``B x O x D`` tensor; XLA's compiled
+  memory (temporaries) and the median time."""
+  import jax
+  import jax.numpy as jnp
+  from cerdeq_jax import linf_dist as L
+
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (batch, inputs))
+  w = jax.random.normal(jax.random.PRNGKey(1), (width, inputs))
+  p8 = jnp.float32(8.0)
+
+  def naive(x, w, p):
+    d = jnp.abs(x[:, None, :] - w[None])
+    if p is None:
+      return jnp.max(d, -1)
+    m = jax.lax.stop_gradient(jnp.max(d, -1, keepdims=True))
+    return m[..., 0] * jnp.sum((d / m) ** p, -1) ** (1 / p)
+
+  fns = {'linf_chunked': lambda x, w: L.linf_dist(x, w), 'linf_naive': lambda x, w: naive(x, w, None),
+         'lp8_chunked': lambda x, w: L.lp_dist(x, w, p8), 'lp8_naive': lambda x, w: naive(x, w, p8)}
+  res = {'shape': f'batch {batch}, {inputs} inputs, {width} neurons '
+                  f'(B x O x D = {batch * width * inputs / 2**20:.0f} Mi floats)'}
+  for name, fn in fns.items():
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))
+    mem = grad.lower(x, w).compile().memory_analysis()
+    res[name] = {'temp_bytes': mem.temp_size_in_bytes,
+                 'seconds': _timeit(grad, x, w, repeats=repeats)}
+  for kind in ('linf', 'lp8'):
+    res[f'{kind}_naive_over_chunked_memory'] = (res[f'{kind}_naive']['temp_bytes']
+                                                / max(res[f'{kind}_chunked']['temp_bytes'], 1))
+    res[f'{kind}_naive_over_chunked_time'] = (res[f'{kind}_naive']['seconds']
+                                              / res[f'{kind}_chunked']['seconds'])
   return res
 
 
@@ -183,9 +255,12 @@ def main(argv):
   if FLAGS.suite in ('core', 'all'):
     results['core'] = core(FLAGS.repeats)
   if FLAGS.suite in ('train', 'all'):
-    results['train'] = train(max(2, FLAGS.repeats // 2), FLAGS.batch_size)
+    results['train'] = train(max(2, FLAGS.repeats // 2), FLAGS.batch_size, crown=True,
+                             linf_width=1024)
   if FLAGS.suite in ('data', 'all'):
     results['data'] = data_feed(FLAGS.repeats, FLAGS.batch_size)
+  if FLAGS.suite in ('linf', 'all'):
+    results['linf'] = linf(FLAGS.repeats)
   print(json.dumps(results, indent=1))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

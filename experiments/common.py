@@ -18,7 +18,9 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 DATASETS = ('fashion_mnist', 'cifar10', 'tiny_imagenet')
-MODELS = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth')
+MODELS = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth',
+          'linf_dist', 'linf_dist_mlp')
+LINF_MODELS = ('linf_dist', 'linf_dist_mlp')
 METHODS = ('ibp', 'crown_ibp')
 VERIFIERS = ('ibp', 'crown_ibp', 'crown')
 
@@ -63,6 +65,15 @@ class Config:
   pgd_restarts: int = 1
   verifier: str = 'ibp'          # evaluation: 'ibp', or also 'crown_ibp' / 'crown'
   crown_max_neurons: int | None = None  # 'crown': IBP bounds for wider layers
+  # ℓ∞-dist Nets (--model=linf_dist|linf_dist_mlp; `cerdeq_jax.linf_training`)
+  weight_decay: float = 5e-3     # decoupled, ℓp on the ℓ∞-dist weights
+  linf_eps_train: float | None = None  # training radius, pixel units (None: eps)
+  p_start: float = 8.0
+  p_end: float = 1000.0
+  p_epochs: tuple[float, float] = (50.0, 350.0)  # p ramp; lr cosine from the first
+  linf_loss: str = 'hinge'       # or 'cross_entropy'
+  hinge_mix: float = 1.0
+  linf_kappa: float = 1.0        # weight of the worst-case loss
   data_dir: str | None = None
   # run control
   checkpoint_every_steps: int = 500
@@ -82,7 +93,10 @@ RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resum
 #: Fields added after runs had started, with their default (= the behaviour
 #: before them): left out of a checkpoint's identity while at it, so that
 #: those runs still resume.
-ADDED_FIELDS = {'deq_param_mode': 'project', 'deq_bound': 'spectral', 'method': 'ibp'}
+ADDED_FIELDS = {'deq_param_mode': 'project', 'deq_bound': 'spectral', 'method': 'ibp',
+                'weight_decay': 5e-3, 'linf_eps_train': None, 'p_start': 8.0, 'p_end': 1000.0,
+                'p_epochs': [50.0, 350.0], 'linf_loss': 'hinge', 'hinge_mix': 1.0,
+                'linf_kappa': 1.0}
 
 
 def parse_eps(text: str) -> float:
@@ -134,6 +148,15 @@ def validate(config: Config) -> Config:
     raise ValueError(f'--method must be one of {", ".join(METHODS)}, got {config.method!r}')
   if config.verifier not in VERIFIERS:
     raise ValueError(f'--verifier must be one of {", ".join(VERIFIERS)}, got {config.verifier!r}')
+  if config.model in LINF_MODELS and (config.method != 'ibp' or config.verifier != 'ibp'):
+    raise ValueError(f'--model={config.model} trains with its own objective and certifies by '
+                     f'intervals at p = ∞: --method and --verifier do not apply')
+  if config.linf_loss not in ('hinge', 'cross_entropy'):
+    raise ValueError(f"--linf_loss must be 'hinge' or 'cross_entropy', got {config.linf_loss!r}")
+  if len(config.p_epochs) != 2 or config.p_epochs[1] < config.p_epochs[0]:
+    raise ValueError(f'--p_epochs needs a start and a later end, got {config.p_epochs}')
+  if not 1 <= config.p_start <= config.p_end:
+    raise ValueError('--p_start and --p_end need 1 <= p_start <= p_end')
   if config.crown_max_neurons is not None and config.crown_max_neurons <= 0:
     raise ValueError(f'--crown_max_neurons must be positive, got {config.crown_max_neurons}')
   if not math.isfinite(config.eps) or not 0 <= config.eps <= 1:
@@ -229,6 +252,19 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_integer('crown_max_neurons', d.crown_max_neurons,
                        "--verifier=crown: layers with more neurons per sample keep IBP "
                        'bounds (full CROWN costs a backward pass per neuron).')
+  flags.DEFINE_float('weight_decay', d.weight_decay,
+                     'ℓ∞-dist models: decoupled weight decay (ℓp on the ℓ∞-dist weights).')
+  flags.DEFINE_float('linf_eps_train', d.linf_eps_train,
+                     'ℓ∞-dist models: training radius in pixel units (default: --eps).')
+  flags.DEFINE_float('p_start', d.p_start, 'ℓ∞-dist models: initial p of the ℓp relaxation.')
+  flags.DEFINE_float('p_end', d.p_end, 'ℓ∞-dist models: p at the end of its ramp (then ∞).')
+  flags.DEFINE_list('p_epochs', [str(e) for e in d.p_epochs],
+                    'ℓ∞-dist models: epochs where p starts growing and where it becomes ∞ '
+                    '(the lr decays by a cosine from the first).')
+  flags.DEFINE_string('linf_loss', d.linf_loss, "ℓ∞-dist models: 'hinge' or 'cross_entropy'.")
+  flags.DEFINE_float('hinge_mix', d.hinge_mix, 'ℓ∞-dist models: weight of the max hinge term.')
+  flags.DEFINE_float('linf_kappa', d.linf_kappa,
+                     'ℓ∞-dist models: weight of the worst-case loss (1 - it: clean loss).')
   flags.DEFINE_string('data_dir', d.data_dir, 'Folder with the dataset files.')
   flags.DEFINE_integer('checkpoint_every_steps', d.checkpoint_every_steps,
                        'Save a checkpoint every N steps (and at each epoch end).')
@@ -243,16 +279,29 @@ def define_flags(defaults: Config) -> None:
                     'Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).')
 
 
-def config_from_flags(defaults: Config) -> Config:
+def with_model_defaults(config: Config, model_defaults: dict | None,
+                        explicit=()) -> Config:
+  """``config`` with ``model_defaults[config.model]`` (an experiment's
+  published defaults for one model, e.g. the ℓ∞-dist Nets') for every field not
+  in ``explicit`` (the flags given on the command line)."""
+  overrides = (model_defaults or {}).get(config.model, {})
+  return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k not in explicit})
+
+
+def config_from_flags(defaults: Config, model_defaults: dict | None = None) -> Config:
   try:
     milestones = tuple(float(m) for m in FLAGS.milestones)
   except ValueError:
     raise ValueError(f'--milestones={",".join(FLAGS.milestones)} must be numbers') from None
   try:
+    p_epochs = tuple(float(e) for e in FLAGS.p_epochs)
+  except ValueError:
+    raise ValueError(f'--p_epochs={",".join(FLAGS.p_epochs)} must be numbers') from None
+  try:
     tail_strides = tuple(int(s) for s in FLAGS.tail_strides) if FLAGS.tail_strides else None
   except ValueError:
     raise ValueError(f'--tail_strides={",".join(FLAGS.tail_strides)} must be integers') from None
-  return validate(dataclasses.replace(
+  config = dataclasses.replace(
       defaults, eps=parse_eps(FLAGS.eps), model=FLAGS.model, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, resume=FLAGS.resume,
       eval_only=FLAGS.eval_only, train_examples=FLAGS.train_examples,
@@ -264,25 +313,32 @@ def config_from_flags(defaults: Config) -> Config:
       milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
       eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, method=FLAGS.method,
       reg_lambda=FLAGS.reg_lambda, verifier=FLAGS.verifier,
-      crown_max_neurons=FLAGS.crown_max_neurons,
+      crown_max_neurons=FLAGS.crown_max_neurons, weight_decay=FLAGS.weight_decay,
+      linf_eps_train=FLAGS.linf_eps_train, p_start=FLAGS.p_start, p_end=FLAGS.p_end,
+      p_epochs=p_epochs, linf_loss=FLAGS.linf_loss, hinge_mix=FLAGS.hinge_mix,
+      linf_kappa=FLAGS.linf_kappa,
       augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
       deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
       deq_param_mode=FLAGS.deq_param_mode, deq_bound=FLAGS.deq_bound,
       solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
       pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,
-      stop_after_steps=FLAGS.stop_after_steps))
+      stop_after_steps=FLAGS.stop_after_steps)
+  explicit = {name for name in FLAGS if FLAGS[name].present}
+  return validate(with_model_defaults(config, model_defaults, explicit))
 
 
-def main_with_defaults(defaults: Config) -> None:
-  """Entry point of an experiment module: ``python -m experiments.X --flags``."""
+def main_with_defaults(defaults: Config, model_defaults: dict | None = None) -> None:
+  """Entry point of an experiment module: ``python -m experiments.X --flags``.
+  ``model_defaults``: per model name, fields that replace ``defaults`` unless
+  given as flags (see `with_model_defaults`)."""
   define_flags(defaults)
 
   def main(argv):
     if len(argv) > 1:
       _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     try:
-      config = config_from_flags(defaults)
+      config = config_from_flags(defaults, model_defaults)
       workdir = check_workdir(FLAGS.workdir or default_workdir(config))
     except ValueError as e:
       _fail(str(e))

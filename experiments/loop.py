@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
-from cerdeq_jax import (checkpointing, data, models, parametrize, reparam, schedules, solvers,
-                        training)
+from cerdeq_jax import (checkpointing, data, linf_training, models, parametrize, reparam,
+                        schedules, solvers, training)
 from experiments import plots
 from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
 
@@ -135,13 +135,23 @@ def setup(config: Config, train_ds: data.Dataset):
   if spe == 0:
     raise UsageError(f'{train_ds.num_examples} training examples are fewer than one batch '
                      f'of {config.batch_size}')
+  linf = None
+  if config.model in models.LINF_MODELS:
+    linf = linf_training.LinfTraining(
+        config.linf_eps_train or config.eps, spe, config.eps_start_epochs,
+        config.eps_length_epochs, config.p_start, config.p_end, *config.p_epochs,
+        config.linf_loss, config.hinge_mix, config.linf_kappa)
   cfg = training.CertifiedTraining(
       eps=config.eps, mean=train_ds.mean, std=train_ds.std, steps_per_epoch=spe,
       eps_start_epochs=config.eps_start_epochs, eps_length_epochs=config.eps_length_epochs,
-      loss=config.loss, reg_lambda=config.reg_lambda,
-      parametrization=parametrization_of(model), method=config.method)
-  lr = schedules.learning_rate(config.lr, spe, config.milestones)
-  tx = schedules.optimizer(lr, config.clip_norm)
+      loss=config.loss, reg_lambda=0.0 if linf else config.reg_lambda,
+      parametrization=parametrization_of(model),
+      method='linf_dist' if linf else config.method, linf=linf)
+  if linf:  # the published optimiser (ℓp weight decay, cosine lr)
+    tx, lr = linf_training.optimizer(config.lr, spe, config.epochs, config.weight_decay, linf)
+  else:
+    lr = schedules.learning_rate(config.lr, spe, config.milestones)
+    tx = schedules.optimizer(lr, config.clip_norm)
   mesh = training.make_mesh()
   sample = np.zeros((config.batch_size,) + train_ds.image_shape, np.float32)
   state = training.init_state(model, tx, jax.random.PRNGKey(config.seed), sample[:1],

@@ -8,14 +8,18 @@ from __future__ import annotations
 from cerdeq_jax import parametrize, solvers
 from cerdeq_jax.models.cerdeq import CerDEQ
 from cerdeq_jax.models.cnn import CNN, cnn7, cnn_depth
+from cerdeq_jax.models.linf_dist import LinfDistNet
 from cerdeq_jax.models.resnets import ResNet, resnext, wide_resnet
 
-MODEL_NAMES = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth')
+MODEL_NAMES = ('cerdeq', 'deq_wn', 'deq_sn', 'cnn7', 'wide_resnet', 'resnext', 'cnn_depth',
+               'linf_dist', 'linf_dist_mlp')
+#: ℓ∞-dist Nets: trained with their own objective (`linf_training`), not IBP.
+LINF_MODELS = ('linf_dist', 'linf_dist_mlp')
 _DEQ_METHODS = {'cerdeq': 'bjorck', 'deq_wn': 'wn', 'deq_sn': 'sn'}
 
 
 def create(name: str, num_classes: int, *, image_size: int = 32, width: int | None = None,
-           depth: int = 7, deq_scale: float = 0.95, solver: solvers.Solver | None = None,
+           depth: int | None = None, deq_scale: float = 0.95, solver: solvers.Solver | None = None,
            adjoint_solver: solvers.Solver | None = None, dense: int = 512,
            deq_stride: int | None = None, tail_strides: tuple[int, ...] | None = None,
            batch_norm: bool = True, deq_param_mode: str = 'project',
@@ -28,7 +32,10 @@ def create(name: str, num_classes: int, *, image_size: int = 32, width: int | No
   ``tail_strides`` those of the DEQ models' three convs after it (2, 1, 1);
   ``batch_norm=False`` drops BatchNorm (DEQ and CNN models). DEQ models:
   ``deq_scale``, ``deq_param_mode`` ('project' | 'reparam') and ``deq_bound``
-  ('spectral' | 'rho') make their `parametrize.Parametrization`.
+  ('spectral' | 'rho') make their `parametrize.Parametrization`. ``depth``:
+  conv layers of 'cnn_depth' (7), ℓ∞-dist layers of 'linf_dist' (5, the last
+  giving the logits) and 'linf_dist_mlp' (4, then the MLP head of ``dense``
+  units); ``width`` is their neurons per layer (5120).
   """
   big = image_size >= 64
   if name in _DEQ_METHODS:
@@ -44,7 +51,11 @@ def create(name: str, num_classes: int, *, image_size: int = 32, width: int | No
   if name == 'cnn7':
     return cnn7(num_classes, width or 64, dense, big, batch_norm)
   if name == 'cnn_depth':
-    return cnn_depth(num_classes, depth, width or 64, dense, batch_norm)
+    return cnn_depth(num_classes, depth or 7, width or 64, dense, batch_norm)
+  if name == 'linf_dist':
+    return LinfDistNet(num_classes, depth or 5, width or 5120, 0)
+  if name == 'linf_dist_mlp':
+    return LinfDistNet(num_classes, depth or 4, width or 5120, dense)
   if name == 'wide_resnet':
     return wide_resnet(num_classes, width or 8, big)
   if name == 'resnext':
