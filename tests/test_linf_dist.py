@@ -16,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from cerdeq_jax import attacks, linf_dist as L, linf_training, losses, models, training
