@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from cerdeq_jax import ibp, implicit, ops, solvers
 from cerdeq_jax.interval import Interval
 from cerdeq_jax.orthogonal import at_least_f32
+from cerdeq_jax.precision import CERTIFY
 
 # Relative safety margin on the float32 SVD of S (its relative error is ~1e-6).
 _NORM_SAFETY = 1.0 + 1e-4
@@ -58,11 +59,14 @@ def abs_operator_bound(kernel) -> jax.Array:
 
 
 # --- cells: pure functions of (theta, z); theta = (hidden_kernel, injection) ---
+# Always at full precision (`precision.CERTIFY`), also in training passes: the
+# solvers decide convergence on these numbers, and the widened bounds are one
+# more cell step.
 
 def deq_cell(theta, z, activation: Callable = jax.nn.relu):
   """One DEQ step for one sample ``z: (H, W, C)``; injection = U x + b."""
   kernel, injection = theta
-  return activation(ops.same_conv(z[None], kernel)[0] + injection)
+  return activation(ops.same_conv(z[None], kernel, CERTIFY)[0] + injection)
 
 
 def interval_deq_cell(theta, z: Interval, activation: Callable = jax.nn.relu) -> Interval:
@@ -70,7 +74,8 @@ def interval_deq_cell(theta, z: Interval, activation: Callable = jax.nn.relu) ->
   kernel, injection = theta
   pre = ibp.linear_map(
       Interval(z.lower[None], z.upper[None]),
-      lambda c: ops.same_conv(c, kernel), lambda r: ops.same_conv(r, jnp.abs(kernel)))
+      lambda c: ops.same_conv(c, kernel, CERTIFY),
+      lambda r: ops.same_conv(r, jnp.abs(kernel), CERTIFY))
   pre = Interval(pre.lower[0] + injection.lower, pre.upper[0] + injection.upper)
   return ibp.monotone(pre, activation)
 
@@ -81,7 +86,8 @@ def _perron_vector(s) -> jax.Array:
   s = jax.lax.stop_gradient(s)
   s = s / jnp.maximum(jnp.max(s), jnp.finfo(s.dtype).tiny)
   def power(_, v):
-    v = s @ v + 1e-6  # the shift keeps v positive (and helps reducible S)
+    # The shift keeps v positive (and helps reducible S).
+    v = jnp.matmul(s, v, precision=CERTIFY) + 1e-6
     return v / jnp.max(v)
   v = jax.lax.fori_loop(0, 100, power, jnp.ones(s.shape[1], s.dtype))
   return jnp.maximum(v, 1e-3)
@@ -99,7 +105,7 @@ def collatz_wielandt(kernel, v, y=None) -> jax.Array:
   max's own gradient would load one arbitrary channel (the ratios tie at the
   Perron vector). Without y, the max's gradient.
   """
-  ratios = (channel_sums(kernel) @ v) / v
+  ratios = jnp.matmul(channel_sums(kernel), v, precision=CERTIFY) / v
   rho = jnp.max(ratios)
   if y is not None:
     mean = jnp.sum(jax.lax.stop_gradient(y * v / jnp.sum(y * v)) * ratios)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from cerdeq_jax import ops
 from cerdeq_jax.interval import Interval
+from cerdeq_jax.precision import CERTIFY
 
 
 def linear_map(x: Interval, apply: Callable, apply_abs: Callable, bias=None) -> Interval:
@@ -25,8 +26,9 @@ def linear_map(x: Interval, apply: Callable, apply_abs: Callable, bias=None) -> 
   return Interval(centre - radius, centre + radius)
 
 
-def dense(x: Interval, kernel, bias=None, precision=ops.HIGHEST) -> Interval:
-  """x: ``(..., D_in)``, kernel ``(D_in, D_out)``."""
+def dense(x: Interval, kernel, bias=None, precision=None) -> Interval:
+  """x: ``(..., D_in)``, kernel ``(D_in, D_out)``; precision None: the layer
+  precision (`cerdeq_jax.precision`)."""
   abs_kernel = jnp.abs(kernel)
   return linear_map(x, lambda z: ops.dense(z, kernel, precision),
                     lambda r: ops.dense(r, abs_kernel, precision), bias)
@@ -80,7 +82,7 @@ def max_pool(x: Interval, window: Sequence[int], strides: Sequence[int] | None =
   return x.map(lambda z: nn.max_pool(z, tuple(window), strides and tuple(strides), padding))
 
 
-def elided_margins(x: Interval, kernel, bias, labels, precision=ops.HIGHEST) -> jax.Array:
+def elided_margins(x: Interval, kernel, bias, labels, precision=CERTIFY) -> jax.Array:
   """Lower bounds of the margins ``logit_y - logit_j`` of a final dense layer.
 
   The classifier is *elided* with the specification ``c_j = e_y - e_j``: the
@@ -93,7 +95,9 @@ def elided_margins(x: Interval, kernel, bias, labels, precision=ops.HIGHEST) -> 
     labels: int ``(N,)``.
 
   Returns:
-    ``(N, K)`` lower bounds; the entry ``j = y`` is exactly 0.
+    ``(N, K)`` lower bounds; the entry ``j = y`` is exactly 0. At full
+    precision by default, in training too (what certifies; an ``N x D x K``
+    product, cheap next to the layers).
   """
   if x.lower.ndim != 2 or x.lower.shape[-1] != kernel.shape[0]:
     raise ValueError(f'elided_margins: features {x.lower.shape} do not match kernel {kernel.shape}.')

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from cerdeq_jax.precision import CERTIFY
+
 PyTree = Any
 
 
@@ -121,7 +123,7 @@ class Anderson:
   def _weights(self, gs, count):
     m = self.memory
     valid = jnp.arange(m) < count
-    gram = jnp.einsum('in,jn->ij', gs, gs, precision=jax.lax.Precision.HIGHEST)
+    gram = jnp.einsum('in,jn->ij', gs, gs, precision=CERTIFY)
     pair = valid[:, None] & valid[None, :]
     scale = jnp.trace(jnp.where(pair, gram, 0.0)) / jnp.maximum(count, 1) + 1e-30
     gram = jnp.where(pair, gram, 0.0) + jnp.diag(jnp.where(valid, self.ridge * scale, 1.0))
@@ -138,7 +140,10 @@ class Anderson:
     picard = jax.nn.one_hot(newest, m, dtype=state.xs.dtype)
     a = jnp.where(ok, a, picard)
     beta = self.mixing
-    x_new = beta * (a @ state.fxs) + (1 - beta) * (a @ state.xs)
+    # Full precision: the next iterate, hence the residual that decides
+    # convergence, is this product (bf16/TF32 would stall it near 1e-3).
+    mix = lambda rows: jnp.matmul(a, rows, precision=CERTIFY)
+    x_new = beta * mix(state.fxs) + (1 - beta) * mix(state.xs)
     z = unravel(x_new)
     fz = fn(z)
     fx, _ = ravel_pytree(fz)

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cerdeq_jax import attacks, crown, ibp, losses, parametrize, schedules
+from cerdeq_jax import precision as policy
 from cerdeq_jax.interval import Interval, linf_ball
 from cerdeq_jax.layers import BATCH_MOMENTS, SPECTRAL
 
@@ -58,6 +59,12 @@ class CertifiedTraining:
   ``'linf_dist'``: the ℓ∞-dist Net objective of ``linf`` (a
   `linf_training.LinfTraining`: p schedule, Lipschitz radius, hinge loss); its
   certificates are the model's interval margins at p = ∞ as for any model.
+
+  ``precision``: of the layer products in training passes (nominal and
+  interval; `cerdeq_jax.precision`): ``'default'`` lets TPUs/TF32 GPUs use
+  their fast float32 matmuls there. Certificates are unaffected: the DEQ
+  solves, the bounds L and rho and the margins stay at ``HIGHEST``, and
+  `eval_step` runs everything at ``HIGHEST`` whatever this is. No effect on CPU.
   """
   eps: float
   mean: tuple[float, ...]
@@ -75,6 +82,7 @@ class CertifiedTraining:
   method: str = 'ibp'
   beta_end: float = 0.0
   linf: Any = None
+  precision: str = 'default'
 
   def __post_init__(self):
     if not np.isfinite(self.eps) or self.eps < 0:
@@ -85,6 +93,7 @@ class CertifiedTraining:
       raise ValueError(f'method must be one of {METHODS}, got {self.method!r}.')
     if (self.method == 'linf_dist') != (self.linf is not None):
       raise ValueError("method 'linf_dist' goes with linf= (a LinfTraining), and only it.")
+    policy.parse(self.precision)
 
   def epsilon(self, step):
     return schedules.epsilon(step, self.eps, self.steps_per_epoch,
@@ -257,7 +266,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   """One optimiser step; ``kind`` (static) selects natural / bound loss and
   the warm-up regularisers (`CertifiedTraining.step_kind`)."""
   grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
-  (_, (batch_stats, metrics)), grads = grad_fn(state.params, state, batch, model, cfg, kind)
+  with policy.layers(cfg.precision):  # traced here: the forward and its VJPs
+    (_, (batch_stats, metrics)), grads = grad_fn(state.params, state, batch, model, cfg, kind)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   spectral = state.spectral
@@ -281,7 +291,16 @@ def eval_step(state: TrainState, batch, key, *, model: nn.Module, cfg: Certified
   ``verifier`` (one of `VERIFIERS`) adds ``certified_crown``: certified by IBP
   *or* by CROWN(-IBP) (both are sound; neither dominates), with CROWN
   intermediate bounds for layers of at most ``crown_max_neurons`` neurons
-  ('crown'). A DEQ is then a cut: IBP through it, CROWN after it."""
+  ('crown'). A DEQ is then a cut: IBP through it, CROWN after it.
+
+  Every product at ``HIGHEST``, whatever ``cfg.precision`` says."""
+  with policy.layers(policy.HIGHEST):
+    return _eval_sums(state, batch, key, model, cfg, eps, pgd_steps, pgd_restarts, verifier,
+                      crown_max_neurons)
+
+
+def _eval_sums(state, batch, key, model, cfg, eps, pgd_steps, pgd_restarts, verifier,
+               crown_max_neurons) -> dict:
   x, labels, mask = batch['image'], batch['label'], batch['mask']
   variables = state.variables()
   box = linf_ball(x, eps, cfg.mean, cfg.std)

@@ -7,9 +7,11 @@ On a GPU/TPU machine, within ``--budget_s`` (8 minutes):
 2. **device vs CPU**: a tiny CerDEQ is trained here for a few steps, saved
    with orbax, restored on the device and on the CPU and evaluated on both;
    certified counts and margin bounds are compared;
-3. **precision**: the certified eval step (and its bounds pass) is lowered and
-   its ``dot_general``/``convolution`` ops are counted, with how many carry
-   ``HIGHEST`` precision (reported only; the policy is not changed here);
+3. **precision**: the certified eval step, its bounds pass and a certified
+   train step are lowered and their ``dot_general``/``convolution`` ops counted,
+   with how many carry ``HIGHEST`` precision; by the policy of
+   `cerdeq_jax.precision` every op of the first two must (else the check fails),
+   the train step's layers run at its training precision (default: DEFAULT);
 4. **speed**: natural and certified train steps of CNN-7 and CerDEQ at
    CIFAR-10 shape, batch 128 and 512 (`experiments.benchmark.train`), and the
    200-epoch CIFAR-10 estimate ``50,000 / batch x 200 x step time``.
@@ -186,6 +188,8 @@ def main(argv):
   _say(f'wrote {out}' + ('' if FLAGS.dry_run else f' and the section of {FLAGS.docs}'))
   failed = [k for k in ('tests', 'device_vs_cpu') if not report[k].get('ok')]
   failed += [k for k in ('precision', 'train_steps') if 'error' in report[k]]
+  failed += ['precision (ops below HIGHEST in evaluation)'] * (
+      'error' not in report['precision'] and not report['precision'].get('ok'))
   if failed:
     _say(f'FAILED: {", ".join(failed)}')
     sys.exit(1)

@@ -191,9 +191,16 @@ def precision_census(hlo_text: str) -> dict:
           'total': len(ops), 'highest': sum('HIGHEST' in l for l in ops)}
 
 
+#: Programs of `lowered_precision` whose every op must carry HIGHEST (the
+#: precision policy, `cerdeq_jax.precision`); the train step is only reported.
+ALL_HIGHEST = ('eval_step', 'bounds_pass')
+
+
 def lowered_precision(run: TinyRun) -> dict:
-  """The census of the certified eval step (bounds, PGD, clean logits) and
-  of its bounds pass alone (what a certificate rests on), as lowered here."""
+  """The census of the certified eval step (bounds, PGD, clean logits), of
+  its bounds pass alone (what a certificate rests on), and of a certified train
+  step at the default training precision, as lowered here. ``ok``: every op of
+  `ALL_HIGHEST` carries HIGHEST."""
   import functools
   import jax
   from cerdeq_jax import training
@@ -210,10 +217,16 @@ def lowered_precision(run: TinyRun) -> dict:
     return training.clean_and_bounds(model, state.variables(), x, box, labels, train=False,
                                      mutable=['deq_stats'])
 
+  train_step = functools.partial(training.train_step, model=model, tx=tx, cfg=cfg,
+                                 kind=training.StepKind(True, False))
   key = jax.random.PRNGKey(0)
-  return {'eval_step': precision_census(jax.jit(eval_step).lower(state, batch, key).as_text()),
-          'bounds_pass': precision_census(
-              jax.jit(bounds).lower(state, batch['image'], batch['label']).as_text())}
+  out = {'eval_step': precision_census(jax.jit(eval_step).lower(state, batch, key).as_text()),
+         'bounds_pass': precision_census(
+             jax.jit(bounds).lower(state, batch['image'], batch['label']).as_text()),
+         f'train_step ({cfg.precision})': precision_census(
+             jax.jit(train_step).lower(state, {k: batch[k] for k in ('image', 'label')}).as_text())}
+  out['ok'] = all(out[k]['highest'] == out[k]['total'] for k in ALL_HIGHEST)
+  return out
 
 
 # --- 4. train-step timings and the 200-epoch estimate -------------------------------

@@ -33,10 +33,12 @@ def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
   same = report['device_vs_cpu']
   assert same['ok'] and same['counts']['count'] == [16, 16], same
   assert same['max_abs_margin_difference'] == 0 and same['samples_certified_differently'] == 0
-  for program in ('eval_step', 'bounds_pass'):
+  for program in ('eval_step', 'bounds_pass'):  # the precision policy: all HIGHEST
     census = report['precision'][program]
     assert census['total'] == census['dot_general'] + census['convolution'] > 0
-    assert 0 < census['highest'] <= census['total']
+    assert census['highest'] == census['total'], census
+  train = report['precision']['train_step (default)']  # the layers at DEFAULT
+  assert 0 < train['highest'] < train['total'] and report['precision']['ok']
   for model in ('cnn7', 'cerdeq'):
     timing = report['train_steps'][f'{model}_batch8']
     assert timing['natural']['seconds_per_step'] > 0 and timing['certified']['seconds_per_step'] > 0
