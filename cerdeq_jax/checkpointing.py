@@ -8,6 +8,8 @@
 * The run's configuration is saved with every checkpoint; resuming under a
   different configuration is refused (`IncompatibleCheckpoint`).
 * Keeps the latest ``keep`` checkpoints and the best one by a metric.
+* The directory may be local or on object storage (``gs://...``): orbax
+  reaches it through `etils.epath`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Mapping
 import flax
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from cerdeq_jax.training import TrainState
@@ -35,17 +38,25 @@ def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
           if saved.get(k) != current.get(k)]
 
 
+def _as_path(directory) -> epath.Path:
+  """A URI as is (``os.path.abspath`` would turn ``gs://b`` into ``$PWD/gs:/b``),
+  a local path made absolute (orbax wants absolute paths)."""
+  text = os.fspath(directory)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
 class Checkpointer:
   """Saves and restores `TrainState`s under ``directory``.
 
   Args:
-    directory: absolute or relative path (created if missing).
+    directory: a local path (absolute or relative) or a URI such as
+      ``gs://bucket/run/checkpoints`` (created if missing).
     config: JSON-serialisable dict identifying the run; compared on restore.
     keep: number of latest checkpoints kept.
     best_metric: metric name (lower is better) whose best checkpoint is kept.
   """
 
-  def __init__(self, directory: str, config: Mapping[str, Any], keep: int = 2,
+  def __init__(self, directory: str | os.PathLike, config: Mapping[str, Any], keep: int = 2,
                best_metric: str = 'certified_error'):
     self.config = dict(config)
     self.best_metric = best_metric
@@ -57,8 +68,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    self.manager = ocp.CheckpointManager(_as_path(directory), options=options,
                                          item_names=('state', 'config'))
+    # Orbax removes unfinished temporary folders in a background thread; wait
+    # for it, or a run that stops right away (e.g. --eval_only without a
+    # checkpoint) can exit under it and print that thread's traceback.
+    getattr(self.manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
 
   def save(self, state: TrainState, step: int, metrics: Mapping[str, float] | None = None):
     metrics = ({self.best_metric: float(metrics[self.best_metric])}
@@ -67,6 +82,12 @@ class Checkpointer:
         state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
         config=ocp.args.JsonSave(self.config)), metrics=metrics, force=True)
     self.manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's multi-process preemption sync point (False with one process):
+    True at the same ``step`` on every process once any got a SIGTERM. Call
+    it at every step on every process."""
+    return self.manager.reached_preemption(step)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

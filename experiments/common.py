@@ -11,6 +11,7 @@ import fractions
 import json
 import math
 import os
+import socket
 import sys
 
 from absl import app, flags
@@ -82,6 +83,7 @@ class Config:
   resume: bool = False
   progress: bool = True
   stop_after_steps: int | None = None
+  train_precision: str = 'default'  # layer products in training passes (cerdeq_jax.precision)
 
   def to_json(self) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -89,7 +91,8 @@ class Config:
 
 RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resume', 'progress',
                'stop_after_steps', 'data_dir', 'epochs', 'eval_examples_per_epoch',
-               'pgd_steps', 'pgd_restarts', 'test_examples', 'verifier', 'crown_max_neurons')
+               'pgd_steps', 'pgd_restarts', 'test_examples', 'verifier', 'crown_max_neurons',
+               'train_precision')
 #: Fields added after runs had started, with their default (= the behaviour
 #: before them): left out of a checkpoint's identity while at it, so that
 #: those runs still resume.
@@ -159,6 +162,9 @@ def validate(config: Config) -> Config:
     raise ValueError('--p_start and --p_end need 1 <= p_start <= p_end')
   if config.crown_max_neurons is not None and config.crown_max_neurons <= 0:
     raise ValueError(f'--crown_max_neurons must be positive, got {config.crown_max_neurons}')
+  if config.train_precision not in ('default', 'high', 'highest'):
+    raise ValueError("--train_precision must be 'default', 'high' or 'highest', got "
+                     f'{config.train_precision!r}')
   if not math.isfinite(config.eps) or not 0 <= config.eps <= 1:
     raise ValueError(f'--eps must lie in [0, 1], got {config.eps}')
   # An explicit --data_dir that does not exist is a mistake; the loaders would
@@ -182,16 +188,20 @@ def default_workdir(config: Config) -> str:
 
 
 def check_workdir(workdir: str) -> str:
-  """Creates ``workdir`` and checks it is writable (one-line OSError otherwise)."""
+  """Creates ``workdir`` (a local folder or a URI such as ``gs://bucket/run``)
+  and checks it is writable (one-line ValueError otherwise); returns it, local
+  paths made absolute."""
+  from experiments import run_files  # epath: no JAX
+  path = run_files.workdir_path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    path.mkdir(parents=True, exist_ok=True)
+    # One probe per process: the processes of a pod share the workdir.
+    probe = path / f'.write_test.{socket.gethostname()}.{os.getpid()}'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
     raise ValueError(f'--workdir={workdir!r} cannot be written: {e.strerror or e}') from None
-  return os.path.abspath(workdir)
+  return str(path)
 
 
 def define_flags(defaults: Config) -> None:
@@ -269,6 +279,10 @@ def define_flags(defaults: Config) -> None:
   flags.DEFINE_integer('checkpoint_every_steps', d.checkpoint_every_steps,
                        'Save a checkpoint every N steps (and at each epoch end).')
   flags.DEFINE_bool('progress', d.progress, 'Show progress bars.')
+  flags.DEFINE_string('train_precision', d.train_precision,
+                      "Precision of the layers' float32 matmuls/convs in training passes on "
+                      "TPU/GPU: 'default' (bf16/TF32 passes), 'high' or 'highest'. DEQ solves, "
+                      'bounds L/rho, margins and all of evaluation always run at highest.')
   flags.DEFINE_integer('stop_after_steps', None, 'Stop (with a checkpoint) after N steps.')
   flags.DEFINE_bool('calibrate', False, 'Only time the certified train step; print it as JSON.')
   flags.DEFINE_string('coordinator_address', None,
@@ -323,7 +337,7 @@ def config_from_flags(defaults: Config, model_defaults: dict | None = None) -> C
       solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter,
       pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,
-      stop_after_steps=FLAGS.stop_after_steps)
+      stop_after_steps=FLAGS.stop_after_steps, train_precision=FLAGS.train_precision)
   explicit = {name for name in FLAGS if FLAGS[name].present}
   return validate(with_model_defaults(config, model_defaults, explicit))
 

@@ -1,17 +1,16 @@
 """`train_and_evaluate(config, workdir)`: the certified training loop.
 
-Writes into ``workdir``: ``checkpoints/``, ``metrics.jsonl`` (one line per
-epoch), ``results.json`` (final evaluation on the whole test split) and PNG
-plots. Interrupted runs resume exactly (the data order and augmentation are
-functions of (seed, epoch, step), and the step is in the checkpoint); SIGTERM
-saves a checkpoint and exits cleanly.
+Writes into ``workdir`` (a local folder or ``gs://...``: `run_files`):
+``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``results.json``
+(final evaluation on the whole test split) and PNG plots; process 0 writes all
+but the checkpoints, which every process saves together. Interrupted runs
+resume exactly (the data order and augmentation are functions of (seed, epoch,
+step), and the step is in the checkpoint); SIGTERM to any process makes every
+process save the same step and exit cleanly (`preemption`).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
 import time
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 
 from cerdeq_jax import (checkpointing, data, linf_training, models, parametrize, reparam,
                         schedules, solvers, training)
-from experiments import plots
+from experiments import plots, preemption, run_files
 from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
 
 log = logging.getLogger(__name__)
@@ -43,21 +42,6 @@ def parametrization_of(model) -> parametrize.Parametrization | None:
 
 class UsageError(ValueError):
   """A run that cannot start as asked (reported as one line, no traceback)."""
-
-
-class _Stopper:
-  """Turns SIGTERM into a flag the loop checks after every step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def load_splits(config: Config) -> tuple[data.Dataset, data.Dataset]:
@@ -117,19 +101,13 @@ def _bar(iterable, total, desc, initial=0):
               mininterval=2.0)
 
 
-def _truncate_metrics(path: str, before_epoch: int):
-  """Keeps the metrics lines of epochs already completed (for exact resume)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)['epoch'] < before_epoch]
-  with open(path, 'w') as f:
-    f.writelines(lines)
-
-
 def setup(config: Config, train_ds: data.Dataset):
   """Model, step config, lr schedule, optimiser, mesh, initial state and the
   compiled steps of a run: ``(model, cfg, lr, tx, mesh, state, steps)``."""
+  if config.batch_size % jax.device_count():
+    raise UsageError(f'--batch_size={config.batch_size} is not a multiple of the '
+                     f'{jax.device_count()} devices: each device takes an equal share of the '
+                     'global batch')
   model = build_model(config, train_ds)
   spe = data.steps_per_epoch(train_ds.num_examples, config.batch_size, True)
   if spe == 0:
@@ -146,7 +124,8 @@ def setup(config: Config, train_ds: data.Dataset):
       eps_start_epochs=config.eps_start_epochs, eps_length_epochs=config.eps_length_epochs,
       loss=config.loss, reg_lambda=0.0 if linf else config.reg_lambda,
       parametrization=parametrization_of(model),
-      method='linf_dist' if linf else config.method, linf=linf)
+      method='linf_dist' if linf else config.method, linf=linf,
+      precision=config.train_precision)
   if linf:  # the published optimiser (ℓp weight decay, cosine lr)
     tx, lr = linf_training.optimizer(config.lr, spe, config.epochs, config.weight_decay, linf)
   else:
@@ -184,6 +163,7 @@ def time_train_step(config: Config, repeats: int = 20) -> dict:
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
+  work = run_files.workdir_path(workdir)
   train_ds, test_ds = load_splits(config)
   split = 'validation' if config.validation_examples else 'test'
   model, cfg, lr, tx, mesh, state, steps = setup(config, train_ds)
@@ -191,16 +171,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
 
   identity = {k: v for k, v in config.to_json().items()
               if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), identity,
-                                    config.keep_checkpoints)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  ckpt = checkpointing.Checkpointer(work / 'checkpoints', identity, config.keep_checkpoints)
+  metrics_path = work / run_files.METRICS
   if config.resume or config.eval_only:
     try:
       restored = ckpt.restore(state)
     except checkpointing.IncompatibleCheckpoint as e:
       raise UsageError(str(e)) from None
     if restored is None and config.eval_only:
-      raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints')
+      raise FileNotFoundError(f'no checkpoint to evaluate in {work / "checkpoints"}')
     if restored is not None:
       state = training.replicate(mesh, restored)
   elif ckpt.latest_step() is not None:
@@ -209,7 +188,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   key = jax.random.PRNGKey(config.seed + 1)
   total_steps = max(1, round(config.epochs * spe))  # a fractional last epoch is partial
   if is_main:
-    _truncate_metrics(metrics_path, step // spe)
+    run_files.truncate_metrics(metrics_path, step // spe)
     print(f'{config.model} on {config.dataset}: {train_ds.num_examples} train / '
           f'{test_ds.num_examples} {split}, {spe} steps per epoch, {total_steps} steps, '
           f'{jax.device_count()} device(s), {jax.process_count()} process(es); '
@@ -217,7 +196,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
 
   final_key = jax.random.fold_in(key, 10**6)
   final = None
-  stopper = _Stopper()
+  stopper = preemption.Stopper(ckpt.reached_preemption)
   interrupted = False
   try:
     while step < total_steps and not config.eval_only:
@@ -240,7 +219,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         if config.progress and is_main and hasattr(bar, 'set_postfix'):
           bar.set_postfix(loss=f'{float(m["loss"]):.3f}', eps=f'{float(m.get("eps", 0)):.4f}',
                           img_s=f'{seen / (time.time() - t0):.0f}', refresh=False)
-        stop_now = stopper.requested or (config.stop_after_steps and step >= config.stop_after_steps)
+        # Every process asks at every step (the multi-process sync point needs it).
+        stop_now = stopper.should_stop(step) or bool(
+            config.stop_after_steps and step >= config.stop_after_steps)
         # The epoch-end save (with metrics) covers the last step of an epoch
         # and of the run.
         if stop_now or (step % config.checkpoint_every_steps == 0 and step % spe != 0
@@ -269,8 +250,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       record.update({f'test_{k}': v for k, v in ev.items()})
       ckpt.save(state, step, {'certified_error': ev['certified_error']})
       if is_main:
-        with open(metrics_path, 'a') as f:
-          f.write(json.dumps(record) + '\n')
+        run_files.append_metrics(metrics_path, record)
         print(f'epoch {epoch + 1}: loss {record.get("train_loss", float("nan")):.4f} '
               f'eps {record["eps"]:.4f} | {split} standard {ev["standard_error"]:.2f}% '
               f'PGD {ev["pgd_error"]:.2f}% certified {ev["certified_error"]:.2f}% '
@@ -278,9 +258,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   finally:
     stopper.restore()
 
-  if interrupted:
-    if is_main:
-      print(f'stopped at step {step}; checkpoint saved, resume with --resume', flush=True)
+  if interrupted:  # every process says where it stopped (the same step)
+    print(f'stopped at step {step}; checkpoint saved, resume with --resume', flush=True)
     ckpt.close()
     return {}
   if final is None:
@@ -297,12 +276,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         parametrize.singular_values(kernel)).tolist()
   ckpt.close()
   if is_main:
-    epochs_log = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+    epochs_log = run_files.read_metrics(metrics_path)
     final['train_time_s'] = sum(r['time_s'] for r in epochs_log)
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(final, f, indent=1)
-    plots.training_curves(epochs_log, os.path.join(workdir, 'training_curves.png'))
-    plots.errors_per_epoch(epochs_log, os.path.join(workdir, 'errors_per_epoch.png'))
+    run_files.write_json(work / run_files.RESULTS, final)
+    plots.training_curves(epochs_log, work / 'training_curves.png')
+    plots.errors_per_epoch(epochs_log, work / 'errors_per_epoch.png')
     print(format_table(final), flush=True)
   return final
 

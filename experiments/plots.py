@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics (matplotlib, no display needed)."""
+"""PNG plots of a run's metrics (matplotlib, no display needed), written
+through `run_files.save_figure` (local folders and object storage alike)."""
 from __future__ import annotations
 
 import matplotlib
@@ -6,8 +7,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
+from experiments.run_files import save_figure  # pylint: disable=wrong-import-position
 
-def training_curves(records: list[dict], path: str) -> None:
+
+def training_curves(records: list[dict], path) -> None:
   """Training losses and ε against the epoch."""
   if not records:
     return
@@ -21,10 +24,10 @@ def training_curves(records: list[dict], path: str) -> None:
   ax1.set_xlabel('epoch'); ax1.set_ylabel('training loss'); ax1.set_yscale('log'); ax1.legend()
   ax2.plot(epochs, [r['eps'] for r in records], color='k')
   ax2.set_xlabel('epoch'); ax2.set_ylabel('ε at epoch end (pixel units)')
-  fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+  fig.tight_layout(); save_figure(fig, path); plt.close(fig)
 
 
-def errors_per_epoch(records: list[dict], path: str) -> None:
+def errors_per_epoch(records: list[dict], path) -> None:
   """Standard, PGD and certified test error against the epoch."""
   if not records:
     return
@@ -34,4 +37,4 @@ def errors_per_epoch(records: list[dict], path: str) -> None:
                      ('test_certified_error', 'certified')):
     ax.plot(epochs, [r[key] for r in records], marker='o', label=label)
   ax.set_xlabel('epoch'); ax.set_ylabel('test error (%)'); ax.set_ylim(0, 100); ax.legend()
-  fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+  fig.tight_layout(); save_figure(fig, path); plt.close(fig)
