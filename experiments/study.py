@@ -217,6 +217,10 @@ def main(argv):
                       *resume]).returncode != 0:
         print(f'run {run.name} failed; continuing', flush=True)
         continue
+      if not os.path.exists(done):  # stopped early (SIGTERM): a later study resumes it
+        print(f'run {run.name} stopped before its end; run the study again to resume it',
+              flush=True)
+        continue
     result = _load_json(done)
     metrics = os.path.join(workdir, 'metrics.jsonl')
     result['epochs_log'] = [json.loads(l) for l in open(metrics)] if os.path.exists(metrics) else []

@@ -20,8 +20,10 @@ import pytest
 
 import helpers_training as h
 
+# The schedule is pinned (epoch 0 at ε = 0), not the experiment's defaults.
 FLAGS = ['--epochs=2', '--batch_size=32', '--width=4', '--dense=16', '--pgd_steps=2',
-         '--progress=false', '--checkpoint_every_steps=2']
+         '--progress=false', '--checkpoint_every_steps=2', '--eps_start_epochs=1',
+         '--eps_length_epochs=5', '--milestones=7']
 STEPS = 16           # 256 examples / 32 = 8 steps per epoch, 2 epochs
 TIMEOUT = 400
 
