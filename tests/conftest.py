@@ -142,3 +142,19 @@ def random_like(rng, tree):
   would compile a threefry kernel per shape)."""
   return jax.tree_util.tree_map(
       lambda l: jnp.asarray(rng.normal(size=l.shape).astype(np.asarray(l).dtype)), tree)
+
+
+# --- end-to-end runs of the experiment CLI (test_experiments, test_pods) ---------------
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """Tiny Fashion-MNIST IDX files (256 train, 64 test) in a module-wide folder."""
+  import helpers_training as h
+  return h.write_fashion_mnist(str(tmp_path_factory.mktemp('fashion_mnist')))
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """Environment for experiment subprocesses, with a module-wide compilation cache."""
+  import helpers_training as h
+  return h.subprocess_env(str(tmp_path_factory.mktemp('compilation_cache')))

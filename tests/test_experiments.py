@@ -105,16 +105,6 @@ ERRORS = ('standard_error', 'pgd_error', 'certified_error')
 # --- fixtures -------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return h.write_fashion_mnist(str(tmp_path_factory.mktemp('fashion_mnist')))
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  return h.subprocess_env(str(tmp_path_factory.mktemp('compilation_cache')))
-
-
-@pytest.fixture(scope='module')
 def runs(tmp_path_factory, data_dir, env):
   tmp = tmp_path_factory.mktemp('runs')
   base = FLAGS + [f'--data_dir={data_dir}']

@@ -31,16 +31,6 @@ FLAGS = ['--epochs=1', '--batch_size=16', '--width=4', '--dense=16', '--pgd_step
 STEPS = 16
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return h.write_fashion_mnist(str(tmp_path_factory.mktemp('fashion_mnist')))
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  return h.subprocess_env(str(tmp_path_factory.mktemp('compilation_cache')))
-
-
 def start_pair(args, env) -> list[subprocess.Popen]:
   port = h.free_port()
   return [start(args + [f'--coordinator_address=localhost:{port}', '--num_processes=2',
