@@ -12,8 +12,8 @@ so a plan can be run across sessions: finished runs are skipped. Each finished
 **Budgets by time.** A plan with ``minutes`` gives every run the same training
 wall-clock on this machine *when idle*: the run's number of steps is
 ``minutes * 60 / t``, where ``t`` is the median time of one certified train
-step of that model, measured once on the idle machine (``--calibrate_only``)
-and stored in ``docs/results/calibration.json`` with the load at the time.
+step of that model, measured once with every other process stopped
+(``--calibrate_only``) and stored in ``docs/results/calibration.json``.
 Runs then stop after a fixed number of steps, so they are reproducible and
 resumable bit-exactly, and other jobs on the machine slow them down without
 changing them; each run's measured training time is reported beside it. The
@@ -40,8 +40,8 @@ flags.DEFINE_bool('list', False, 'Print the plan and exit.')
 FLAGS = flags.FLAGS
 
 #: Shared by every run of every plan: data, evaluation, optimiser.
-COMMON = ('--eps=0.1', '--train_examples=60000', '--batch_size=128', '--eval_examples_per_epoch=500', '--pgd_steps=10',
-          '--progress=false')
+COMMON = ('--eps=0.1', '--train_examples=60000', '--batch_size=128',
+          '--eval_examples_per_epoch=500', '--pgd_steps=10', '--progress=false')
 #: Fractions of a time-budgeted run: ε = 0 for the first 10 %, the ramp over the
 #: next 50 %, lr x0.2 at 75 % and 90 % (the shape of Fast-IBP's 70-epoch
 #: CIFAR schedule — 1, 20, then milestones 50 and 60 — stretched for short runs).
@@ -117,8 +117,7 @@ def run_flags(plan: Plan, run: Run) -> list[str]:
 
 
 def steps_per_epoch(plan: Plan, run: Run) -> int:
-  batch = int(next(f for f in reversed(model_flags(run)) if f.startswith('--batch_size='))
-              .split('=')[1])
+  batch = int(next(f for f in model_flags(run) if f.startswith('--batch_size=')).split('=')[1])
   return (TRAIN_IMAGES - (VALIDATION_EXAMPLES if plan.validation else 0)) // batch
 
 
@@ -195,9 +194,10 @@ def main(argv):
     workdir = os.path.join(FLAGS.workdir, FLAGS.plan, run.name)
     budget = []
     if plan.minutes is not None:
-      key = ' '.join(model_flags(run))
+      timed = model_flags(run)
+      key = ' '.join(timed)
       if key not in calibration or FLAGS.calibrate_only:
-        calibration[key] = calibrate(model_flags(run), os.path.join(FLAGS.workdir, 'calibration'))
+        calibration[key] = calibrate(timed, os.path.join(FLAGS.workdir, 'calibration'))
         _save_json(calibration_path, calibration)
         print(f'calibrated {run.name}: {calibration[key]}', flush=True)
       budget = budget_flags(plan.minutes, calibration[key]['seconds_per_step'],
