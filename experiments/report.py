@@ -117,7 +117,8 @@ def claims(plans: dict[str, dict[str, dict]]) -> list[str]:
   if 'cerdeq' in main and 'cnn7' in main:
     a, b = main['cerdeq']['certified_error'], main['cnn7']['certified_error']
     spread = max(a[1] or 0.0, b[1] or 0.0)
-    verdict = ('holds' if b[0] - a[0] > spread else
+    verdict = ('is not decided (one seed: no spread to compare with)' if None in (a[1], b[1])
+               else 'holds' if b[0] - a[0] > spread else
                'is reversed' if a[0] - b[0] > spread else 'is not decided (within the spread)')
     lines.append(f'* Claim 1, CerDEQ certifies better than CNN-7: {fmt(a)} vs {fmt(b)} % '
                  f'(difference {b[0] - a[0]:+.2f}, larger std {spread:.2f}) → {verdict}.')
