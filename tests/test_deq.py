@@ -224,20 +224,16 @@ def test_interval_deq_encloses_sampled_injections(box_problem):
   np.testing.assert_allclose(z_lib, z, atol=1e-4)
 
 
-def test_interval_deq_encloses_pgd_injections(box_problem):
-  """PGD through the library's nominal DEQ (implicit gradients) maximises and
-  minimises hidden units; the exact outputs at the points found stay inside."""
-  kernel, box, bounds, _ = box_problem
-  rng = np.random.default_rng(4)
-  n_units = 5
-  units = [tuple(rng.integers(0, d) for d in (S, S, C)) for _ in range(n_units)]
+def attack_hidden_units(rng, kernel, box, n_units, solver):
+  """PGD through the library's nominal DEQ (implicit gradients) that maximises
+  and minimises ``n_units`` random hidden units, from uniform starts in ``box``.
+  Returns ``(masks (2 n, 1, S, S, C), points (2 n, N, S, S, C))``."""
   masks = np.zeros((2 * n_units, 1, S, S, C), np.float32)
-  for i, (a, b, c) in enumerate(units):
-    masks[2 * i, 0, a, b, c] = 1.0
-    masks[2 * i + 1, 0, a, b, c] = -1.0
+  for i in range(n_units):
+    a, b, c = (int(rng.integers(0, d)) for d in (S, S, C))
+    masks[2 * i, 0, a, b, c], masks[2 * i + 1, 0, a, b, c] = 1.0, -1.0
   masks = jnp.asarray(masks)
   starts = H.uniform_in_box(rng, box.lower, box.upper, len(masks))
-  solver = Picard(tol=1e-5, max_iter=100)
 
   @H.jit
   def attack(masks, starts):
@@ -246,7 +242,15 @@ def test_interval_deq_encloses_pgd_injections(box_problem):
       return H.pgd_maximise(obj, box.lower, box.upper, x0, steps=15)
     return jax.vmap(one)(masks, starts)
 
-  pts = attack(masks, starts)  # (2 * n_units, N, S, S, C)
+  return masks, attack(masks, starts)
+
+
+def test_interval_deq_encloses_pgd_injections(box_problem):
+  """PGD through the library's nominal DEQ (implicit gradients) maximises and
+  minimises hidden units; the exact outputs at the points found stay inside."""
+  kernel, box, bounds, _ = box_problem
+  rng = np.random.default_rng(4)
+  masks, pts = attack_hidden_units(rng, kernel, box, 5, Picard(tol=1e-5, max_iter=100))
   flat = pts.reshape((-1,) + box.shape[1:])
   z = H.jit(lambda p: H.unrolled_deq(kernel, p, 200))(flat).reshape(pts.shape)
   assert_inside(Interval(bounds.lower[None], bounds.upper[None]), z, 1e-5, 'pgd')
@@ -396,22 +400,8 @@ def rho_problem():
   rng = np.random.default_rng(12)
   kernel = make_rho_kernel(rng, RHO)
   box = make_box(rng, make_injection(rng), width=0.4)
-  n_units = 4
-  masks = np.zeros((2 * n_units, 1, S, S, C), np.float32)
-  for i in range(n_units):
-    a, b, c = (int(rng.integers(0, d)) for d in (S, S, C))
-    masks[2 * i, 0, a, b, c], masks[2 * i + 1, 0, a, b, c] = 1.0, -1.0
-  starts = H.uniform_in_box(rng, box.lower, box.upper, len(masks))
-  solver = Picard(tol=1e-6, max_iter=200)
-
-  @H.jit
-  def attack(masks, starts):
-    def one(mask, x0):
-      obj = lambda inj: jnp.sum(mask * solve_deq(kernel, inj, solver)[0])
-      return H.pgd_maximise(obj, box.lower, box.upper, x0, steps=15)
-    return jax.vmap(one)(jnp.asarray(masks), starts)
-
-  attacked = attack(masks, starts).reshape((-1,) + box.shape[1:])
+  _, attacked = attack_hidden_units(rng, kernel, box, 4, Picard(tol=1e-6, max_iter=200))
+  attacked = attacked.reshape((-1,) + box.shape[1:])
   pts = jnp.concatenate([sample_box(rng, box, 32), attacked])
   exact = H.jit(lambda p: H.unrolled_deq(kernel, p, 400))(pts)
   exact_lo, exact_up = H.jit(
