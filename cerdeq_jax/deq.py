@@ -190,11 +190,12 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   is_box = isinstance(injection, Interval)
   cell = interval_deq_cell if is_box else deq_cell
   fn = lambda theta, z: cell(theta, z, activation)
+  # One batched solve (not a vmap of single solves: see `solvers.solve`).
+  batch_fn = lambda theta, z: jax.vmap(fn, in_axes=((None, 0), 0))(theta, z)
   if z0 is None:
     z0 = jax.tree_util.tree_map(jnp.zeros_like, injection)
-  solve_one = lambda inj, init: implicit.fixed_point(fn, (kernel, inj), init, solver,
-                                                     adjoint_solver)
-  z, st = jax.vmap(solve_one)(injection, z0)
+  z, st = implicit.fixed_point(batch_fn, (kernel, injection), z0, solver, adjoint_solver,
+                               batched=True)
   # Certificates of the kernel, not training signals (a reparametrised kernel
   # is differentiated through its own bound, in `reparam`).
   fixed = jax.lax.stop_gradient(kernel)
@@ -202,7 +203,7 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   channel = channel_contraction(fixed)
   certifiable = jnp.zeros_like(st.converged)
   if is_box and sound:
-    fz = jax.vmap(lambda inj, state: fn((kernel, inj), state))(injection, z)
+    fz = batch_fn((kernel, injection), z)
     z, contraction = sound_widening(z, fz, fixed, lipschitz, channel)
     certifiable = st.converged & contraction
   certified = jnp.minimum(lipschitz, channel[1])

@@ -1,9 +1,18 @@
 """Fixed-point solvers for ``z = f(z)`` on any pytree state.
 
 Solvers are small immutable objects with ``init``, ``step`` and ``terminate``
-(in the style of optimistix); `solve` drives them with ``jax.lax.while_loop``
-and returns statistics as data. A solver solves *one* problem; batch it with
-``jax.vmap`` (which gives per-sample statistics and per-sample stopping).
+(in the style of optimistix); `solve` drives them with one
+``jax.lax.while_loop`` and returns statistics as data.
+
+`solve` solves one problem, or, with ``batched=True``, a batch of independent
+problems stacked along axis 0 of every leaf (``fn`` maps the whole batch and
+must treat each sample on its own, e.g. a vmapped cell). Each sample stops on
+its own: once it meets the tolerance its iterate, solution and statistics are
+frozen, so every sample's result is that of its single solve (as under
+``jax.vmap``). What the batch shares is the iteration counter, so Anderson's
+history is a ring buffer written in place at one slot: under ``jax.vmap`` each
+sample has its own slot, and the loop's per-sample select copies every
+history buffer on every iteration (twice the memory, and its traffic).
 
 The returned solution is ``f(z_k)`` for the last iterate ``z_k`` and the
 reported absolute residual is ``||f(z_k) - z_k||_2``: for a contraction with
@@ -17,15 +26,16 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+from jax import lax
 
 from cerdeq_jax.precision import CERTIFY
 
 PyTree = Any
+_map = jax.tree_util.tree_map
 
 
 class SolverStats(NamedTuple):
-  """Statistics of one solve.
+  """Statistics of one solve (per sample, ``(N,)``, for a batched solve).
 
   iterations: number of evaluations of ``f`` after the initial one.
   residual: relative residual ``||f(z) - z|| / (||f(z)|| + 1e-8)`` at the end.
@@ -38,26 +48,46 @@ class SolverStats(NamedTuple):
   converged: jax.Array
 
 
-def _tree_norm(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
+# --- batch helpers: every leaf has a leading batch axis N ---
+
+def _rows(tree) -> list:
+  """Each leaf as ``(N, size)`` (a reshape, not a copy)."""
+  return [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-def _tree_sub(a, b):
-  return jax.tree_util.tree_map(jnp.subtract, a, b)
+def _norms(tree) -> jax.Array:
+  """``(N,)`` 2-norms over all leaves of each sample."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(row), axis=1) for row in _rows(tree)))
 
 
 def _residuals(z, fz):
-  abs_res = _tree_norm(_tree_sub(fz, z))
-  return abs_res / (_tree_norm(fz) + 1e-8), abs_res
+  abs_res = _norms(_map(jnp.subtract, fz, z))
+  return abs_res / (_norms(fz) + 1e-8), abs_res
+
+
+def _keep(active, new, old):
+  """``new`` for the samples still iterating, ``old`` for those stopped."""
+  def pick(n, o):
+    return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return _map(pick, new, old)
+
+
+def _write(history, slot, row):
+  """``history[:, slot] = row`` as an in-place dynamic update (a scatter
+  made XLA copy the whole buffer every iteration)."""
+  return lax.dynamic_update_index_in_dim(history, row, slot, axis=1)
+
+
+def _terminate(solver, state) -> jax.Array:
+  return (state.residual <= solver.tol) | (state.iteration >= solver.max_iter)
 
 
 class PicardState(NamedTuple):
   z: PyTree
   fz: PyTree
-  iteration: jax.Array
-  residual: jax.Array
-  abs_residual: jax.Array
+  iteration: jax.Array     # (N,)
+  residual: jax.Array      # (N,)
+  abs_residual: jax.Array  # (N,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,28 +100,33 @@ class Picard:
   def init(self, fn: Callable, z0: PyTree) -> PicardState:
     fz = fn(z0)
     rel, abs_res = _residuals(z0, fz)
-    return PicardState(z0, fz, jnp.zeros((), jnp.int32), rel, abs_res)
+    return PicardState(z0, fz, jnp.zeros(rel.shape, jnp.int32), rel, abs_res)
 
   def step(self, fn: Callable, state: PicardState) -> PicardState:
     d = self.damping
-    z = jax.tree_util.tree_map(lambda a, b: (1 - d) * a + d * b, state.z, state.fz)
+    z = _map(lambda a, b: (1 - d) * a + d * b, state.z, state.fz)
     fz = fn(z)
     rel, abs_res = _residuals(z, fz)
-    return PicardState(z, fz, state.iteration + 1, rel, abs_res)
+    new = PicardState(z, fz, state.iteration + 1, rel, abs_res)
+    return _keep(~self.terminate(state), new, state)
 
   def terminate(self, state) -> jax.Array:
-    return (state.residual <= self.tol) | (state.iteration >= self.max_iter)
+    """``(N,)``: this sample is done."""
+    return _terminate(self, state)
 
 
 class AndersonState(NamedTuple):
   z: PyTree
   fz: PyTree
-  xs: jax.Array          # (memory, n): past iterates, flattened
-  gs: jax.Array          # (memory, n): past residuals f(x) - x
-  fxs: jax.Array         # (memory, n): past f(x)
-  iteration: jax.Array
-  residual: jax.Array
-  abs_residual: jax.Array
+  # Per leaf of z, batch axis first (as the mixing products want it: no
+  # transposed copies, and no concatenation of the leaves).
+  xs: tuple                # (N, memory, size) per leaf: past iterates x_i
+  gs: tuple                # (N, memory, size) per leaf: their residuals f(x_i) - x_i
+  gram: jax.Array          # (N, memory, memory): <g_i, g_j>, one row per new entry
+  count: jax.Array         # (): iterations of the batch (the ring slot)
+  iteration: jax.Array     # (N,)
+  residual: jax.Array      # (N,)
+  abs_residual: jax.Array  # (N,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +136,8 @@ class Anderson:
   The mixing weights solve ``min ||sum_i a_i g_i||`` s.t. ``sum_i a_i = 1`` via
   the ridge-regularised Gram system ``(G G^T + ridge * tr/m I) a ∝ 1``. When that
   system gives non-finite weights (ill-conditioned Gram) the step falls back to
-  a damped Picard step.
+  a damped Picard step. Two history buffers (``f(x_i) = x_i + g_i``), and the
+  Gram matrix gains one row and column per step instead of being recomputed.
   """
   tol: float = 1e-4
   max_iter: int = 50
@@ -111,65 +147,85 @@ class Anderson:
 
   def init(self, fn: Callable, z0: PyTree) -> AndersonState:
     fz = fn(z0)
-    x, unravel = ravel_pytree(z0)
-    fx, _ = ravel_pytree(fz)
-    m = self.memory
-    xs = jnp.zeros((m,) + x.shape, x.dtype).at[0].set(x)
-    fxs = jnp.zeros((m,) + x.shape, x.dtype).at[0].set(fx)
-    gs = jnp.zeros((m,) + x.shape, x.dtype).at[0].set(fx - x)
+    xs, gs = [], []
+    for x, fx in zip(_rows(z0), _rows(fz)):
+      empty = jnp.zeros((x.shape[0], self.memory, x.shape[1]), x.dtype)
+      xs.append(_write(empty, 0, x))
+      gs.append(_write(empty, 0, fx - x))
+    norms = jnp.square(_norms(_map(jnp.subtract, fz, z0)))
+    gram = jnp.zeros(norms.shape + (self.memory,) * 2, norms.dtype).at[:, 0, 0].set(norms)
     rel, abs_res = _residuals(z0, fz)
-    return AndersonState(z0, fz, xs, gs, fxs, jnp.zeros((), jnp.int32), rel, abs_res)
+    return AndersonState(z0, fz, tuple(xs), tuple(gs), gram, jnp.zeros((), jnp.int32),
+                         jnp.zeros(rel.shape, jnp.int32), rel, abs_res)
 
-  def _weights(self, gs, count):
+  def _weights(self, gram, count):
+    """``(N, m)`` mixing weights over the ``count`` valid entries, and ``(N,)``
+    whether they are finite."""
     m = self.memory
     valid = jnp.arange(m) < count
-    gram = jnp.einsum('in,jn->ij', gs, gs, precision=CERTIFY)
     pair = valid[:, None] & valid[None, :]
-    scale = jnp.trace(jnp.where(pair, gram, 0.0)) / jnp.maximum(count, 1) + 1e-30
-    gram = jnp.where(pair, gram, 0.0) + jnp.diag(jnp.where(valid, self.ridge * scale, 1.0))
-    a = jnp.linalg.solve(gram, valid.astype(gs.dtype))
-    a = a / jnp.sum(a)
-    return a, jnp.all(jnp.isfinite(a))
+    gram = jnp.where(pair, gram, 0.0)
+    scale = jnp.trace(gram, axis1=1, axis2=2) / jnp.maximum(count, 1) + 1e-30
+    diag = jnp.where(valid, self.ridge * scale[:, None], 1.0)
+    gram = gram + diag[:, :, None] * jnp.eye(m, dtype=gram.dtype)
+    rhs = jnp.broadcast_to(valid.astype(gram.dtype), diag.shape)
+    a = jnp.linalg.solve(gram, rhs[..., None])[..., 0]
+    a = a / jnp.sum(a, axis=1, keepdims=True)
+    return a, jnp.all(jnp.isfinite(a), axis=1)
 
   def step(self, fn: Callable, state: AndersonState) -> AndersonState:
     m = self.memory
-    _, unravel = ravel_pytree(state.z)
-    count = jnp.minimum(state.iteration + 1, m)
-    a, ok = self._weights(state.gs, count)
-    newest = state.iteration % m
-    picard = jax.nn.one_hot(newest, m, dtype=state.xs.dtype)
-    a = jnp.where(ok, a, picard)
-    beta = self.mixing
+    count = state.count
+    a, ok = self._weights(state.gram, jnp.minimum(count + 1, m))
+    picard = jax.nn.one_hot(count % m, m, dtype=state.gram.dtype)
+    a = jnp.where(ok[:, None], a, picard)
     # Full precision: the next iterate, hence the residual that decides
     # convergence, is this product (bf16/TF32 would stall it near 1e-3).
-    mix = lambda rows: jnp.matmul(a, rows, precision=CERTIFY)
-    x_new = beta * mix(state.fxs) + (1 - beta) * mix(state.xs)
-    z = unravel(x_new)
+    mix = lambda rows: jnp.einsum('nm,nmk->nk', a.astype(rows.dtype), rows, precision=CERTIFY)
+    x_new = [mix(x) + self.mixing * mix(g) for x, g in zip(state.xs, state.gs)]
+    leaves, treedef = jax.tree_util.tree_flatten(state.z)
+    z = treedef.unflatten([x.reshape(leaf.shape) for x, leaf in zip(x_new, leaves)])
     fz = fn(z)
-    fx, _ = ravel_pytree(fz)
-    slot = (state.iteration + 1) % m
+    g_new = [fx - x for fx, x in zip(_rows(fz), x_new)]
+    slot = (count + 1) % m
+    gs = tuple(_write(g, slot, new) for g, new in zip(state.gs, g_new))
+    row = sum(jnp.einsum('nmk,nk->nm', g, new, precision=CERTIFY) for g, new in zip(gs, g_new))
+    gram = state.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
     rel, abs_res = _residuals(z, fz)
-    return AndersonState(
-        z, fz, state.xs.at[slot].set(x_new), state.gs.at[slot].set(fx - x_new),
-        state.fxs.at[slot].set(fx), state.iteration + 1, rel, abs_res)
+    active = ~self.terminate(state)
+    z, fz, iteration, rel, abs_res = _keep(
+        active, (z, fz, state.iteration + 1, rel, abs_res),
+        (state.z, state.fz, state.iteration, state.residual, state.abs_residual))
+    # A stopped sample's history goes on being written; nothing reads it.
+    xs = tuple(_write(x, slot, new) for x, new in zip(state.xs, x_new))
+    return AndersonState(z, fz, xs, gs, gram, count + 1, iteration, rel, abs_res)
 
   def terminate(self, state) -> jax.Array:
-    return (state.residual <= self.tol) | (state.iteration >= self.max_iter)
+    """``(N,)``: this sample is done."""
+    return _terminate(self, state)
 
 
 Solver = Picard | Anderson
 
 
-def solve(fn: Callable[[PyTree], PyTree], z0: PyTree, solver: Solver) -> tuple[PyTree, SolverStats]:
+def solve(fn: Callable[[PyTree], PyTree], z0: PyTree, solver: Solver,
+          batched: bool = False) -> tuple[PyTree, SolverStats]:
   """Solves ``z = fn(z)`` from ``z0`` with ``jax.lax.while_loop``.
 
   ``fn`` may close over traced values; it is not differentiated through (use
-  `cerdeq_jax.implicit.fixed_point` for gradients).
+  `cerdeq_jax.implicit.fixed_point` for gradients). With ``batched``, every
+  leaf of ``z0`` has a leading batch axis, ``fn`` maps the batch (each sample
+  on its own) and the statistics are per sample (see the module docstring).
 
   Returns:
     ``(fn(z_k), SolverStats)`` for the last iterate ``z_k``.
   """
-  state = jax.lax.while_loop(lambda s: ~solver.terminate(s),
+  if not batched:  # a batch of one
+    lift = lambda tree: _map(lambda leaf: leaf[None], tree)
+    drop = lambda tree: _map(lambda leaf: leaf[0], tree)
+    z, stats = solve(lambda z: lift(fn(drop(z))), lift(z0), solver, batched=True)
+    return drop(z), drop(stats)
+  state = jax.lax.while_loop(lambda s: jnp.any(~solver.terminate(s)),
                              lambda s: solver.step(fn, s),
                              solver.init(fn, z0))
   stats = SolverStats(state.iteration, state.residual, state.abs_residual,

@@ -239,18 +239,29 @@ def test_anderson_falls_back_to_picard_when_the_gram_system_is_not_finite():
   np.testing.assert_allclose(r, 2 * c, rtol=1e-5)
 
 
-def test_vmap_gives_per_sample_statistics():
+@pytest.mark.parametrize('solver', [Anderson(tol=1e-10, max_iter=300, memory=3),
+                                    Picard(tol=1e-10, max_iter=300)], ids=['anderson', 'picard'])
+@pytest.mark.parametrize('how', ['vmap', 'batched'])
+def test_batches_stop_per_sample_and_equal_single_solves(solver, how):
+  # A tree state {'u': (N, 3), 'v': (N, 5)}: with `batched`, the batch shares
+  # the history's ring slot, yet each sample must get its single solve.
   a, _ = _contraction(5, 8, 0.9)
-  bs = jnp.asarray(np.random.default_rng(6).normal(size=(3, 8)) * np.array([[0.01], [1], [3]]))
-  solver = Anderson(tol=1e-10, max_iter=300)
-  solve_one = lambda b: solve(lambda z: jnp.tanh(a @ z + b), jnp.zeros(8), solver)
-  r, st = H.jit(jax.vmap(solve_one))(bs)
-  assert st.iterations.shape == (3,) and st.converged.shape == (3,)
-  solve_one = H.jit(solve_one)
-  for i in range(3):
-    ri, si = solve_one(bs[i])
-    assert int(st.iterations[i]) == int(si.iterations)
-    np.testing.assert_allclose(r[i], ri, rtol=1e-8, atol=1e-12)
+  bs = jnp.asarray(np.random.default_rng(6).normal(size=(4, 8))
+                   * np.array([[0.01], [1], [3], [0.3]]))
+  split = lambda z: {'u': z[..., :3], 'v': z[..., 3:]}
+  cell = lambda z, b: split(jnp.tanh(jnp.concatenate([z['u'], z['v']], -1) @ a.T + b))
+  z0 = split(jnp.zeros((4, 8)))
+  if how == 'vmap':
+    r, st = H.jit(jax.vmap(lambda z, b: solve(lambda y: cell(y, b), z, solver)))(z0, bs)
+  else:
+    r, st = H.jit(lambda z: solve(lambda y: cell(y, bs), z, solver, batched=True))(z0)
+  assert st.iterations.shape == (4,) and st.converged.shape == (4,)
+  solve_one = H.jit(lambda z, b: solve(lambda y: cell(y, b), z, solver))
+  for i in range(4):
+    ri, si = solve_one(jax.tree_util.tree_map(lambda x: x[i], z0), bs[i])
+    assert int(st.iterations[i]) == int(si.iterations) and bool(si.converged)
+    for key in ('u', 'v'):
+      np.testing.assert_allclose(r[key][i], ri[key], rtol=1e-9, atol=1e-12)
   assert len(set(np.asarray(st.iterations).tolist())) > 1  # stopping is per sample
 
 

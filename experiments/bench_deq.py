@@ -1,0 +1,137 @@
+"""The certified CerDEQ step's weight (not a test): peak resident memory and
+time against the natural step, and Anderson against Picard on a trained layer.
+
+    python -m experiments.bench_deq [--batch_size=128] [--trained=runs/.../cerdeq]
+
+Each step kind runs in its own fresh process (``--child``), so that its peak
+resident set (the kernel's ``VmHWM``: the import, the compilation and the
+steps together) is that step's alone; the parent runs the children one after
+the other and reports the ratios. Used by ``experiments.benchmark --suite=deq``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string('child', None, "Internal: run one step kind ('natural' | 'certified').")
+flags.DEFINE_integer('batch_size', 128, 'Batch of the CIFAR-10-shaped train steps.')
+flags.DEFINE_integer('steps', 3, 'Timed steps after the first (compiling) one; median.')
+flags.DEFINE_string('trained', None, 'Workdir of a trained CerDEQ run, for the iteration '
+                    'counts of its bound solve.')
+FLAGS = flags.FLAGS
+
+KINDS = ('natural', 'certified')
+
+
+def _peak_rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    fields = dict(line.split(':', 1) for line in f)
+  return int(fields['VmHWM'].split()[0]) / 1024
+
+
+def run_kind(kind: str, batch_size: int, steps: int) -> dict:
+  """One step kind of the CIFAR-10-shaped CerDEQ (64-channel DEQ at 32x32, the
+  CIFAR-10 defaults: Anderson, tol 1e-4, 50 iterations, full ε), in this process."""
+  import jax
+  import numpy as np
+  import optax
+  from cerdeq_jax import models, training
+
+  x = np.random.RandomState(0).randn(batch_size, 32, 32, 3).astype(np.float32)
+  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
+  model = models.create('cerdeq', 10, image_size=32)
+  cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
+                                   steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
+                                   parametrization=model.parametrization)
+  tx = optax.adam(5e-4)
+  mesh = training.make_mesh()
+  state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
+                                                       x[:1], cfg.parametrization))
+  step = training.Steps(model, tx, cfg, mesh).compiled_train(
+      training.StepKind(kind == 'certified', False))
+  global_batch = training.global_batch(mesh, batch)
+  step = step.lower(state, global_batch).compile()  # compiled once, used below
+  temp = step.memory_analysis()
+  times, iterations = [], []
+  for _ in range(steps + 1):
+    t = time.perf_counter()
+    state, metrics = step(state, global_batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+    iterations.append(float(metrics['deq_iterations']))
+  return {'seconds_per_step': float(np.median(times[1:])), 'peak_rss_mb': _peak_rss_mb(),
+          'xla_temp_mb': temp.temp_size_in_bytes / 2**20 if temp else None,
+          'deq_iterations': float(np.mean(iterations[1:]))}
+
+
+def step_weight(batch_size: int = 128, steps: int = 3) -> dict:
+  """Natural and certified CerDEQ steps, each in a fresh process, and their ratios."""
+  res = {'shape': f'CIFAR-10 CerDEQ, batch {batch_size}, each kind in its own process'}
+  for kind in KINDS:
+    out = subprocess.run([sys.executable, '-m', 'experiments.bench_deq', f'--child={kind}',
+                          f'--batch_size={batch_size}', f'--steps={steps}'],
+                         check=True, capture_output=True, text=True).stdout
+    res[kind] = json.loads(out.strip().splitlines()[-1])
+  res['certified_over_natural_time'] = (res['certified']['seconds_per_step']
+                                        / res['natural']['seconds_per_step'])
+  return res
+
+
+def trained_layer_iterations(workdir: str, examples: int = 256, tol: float = 1e-4) -> dict:
+  """Mean iterations of the trained DEQ's bound solve (interval, at the run's ε,
+  test images) and its nominal solve, with Anderson and with Picard, both to
+  ``tol`` (relative residual) with up to 500 iterations."""
+  import dataclasses
+
+  import jax
+  import numpy as np
+  from cerdeq_jax import checkpointing, data, training
+  from cerdeq_jax.interval import linf_ball
+  from experiments import loop, run_files
+  from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
+
+  saved = json.loads((run_files.workdir_path(workdir) / 'results.json').read_text())['config']
+  config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                     if k in Config.__dataclass_fields__})
+  train_ds, test_ds = loop.load_splits(config)
+  _, cfg, _, tx, _, template, _ = loop.setup(config, train_ds)
+  identity = {k: v for k, v in config.to_json().items()
+              if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+  ckpt = checkpointing.Checkpointer(run_files.workdir_path(workdir) / 'checkpoints', identity)
+  state = ckpt.restore(template)
+  ckpt.close()
+  x = data.normalize(test_ds.images[:examples], cfg.mean, cfg.std)
+  labels = test_ds.labels[:examples]
+  box = linf_ball(x, config.eps, cfg.mean, cfg.std)
+  res = {'run': str(workdir), 'examples': examples, 'tol': tol}
+  for solver in ('anderson', 'picard'):
+    model = loop.build_model(dataclasses.replace(config, solver=solver, tol=tol, max_iter=500),
+                             train_ds)
+    apply = jax.jit(lambda v, inp: model.apply(v, inp, train=False, labels=labels,
+                                               mutable=['deq_stats'])[1])
+    for name, inp in (('interval', box), ('nominal', x)):
+      stats = training.sown(apply(state.variables(state.params), inp)['deq_stats'], name)
+      res[f'{solver}_{name}'] = float(np.mean(np.asarray(stats[0].iterations)))
+      res[f'{solver}_{name}_converged'] = float(np.mean(np.asarray(stats[0].converged)))
+  for name in ('interval', 'nominal'):
+    res[f'anderson_over_picard_{name}'] = res[f'anderson_{name}'] / res[f'picard_{name}']
+  return res
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:
+    print(json.dumps(run_kind(FLAGS.child, FLAGS.batch_size, FLAGS.steps)))
+    return
+  res = {'step': step_weight(FLAGS.batch_size, FLAGS.steps)}
+  if FLAGS.trained:
+    res['trained_layer'] = trained_layer_iterations(FLAGS.trained)
+  print(json.dumps(res, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
