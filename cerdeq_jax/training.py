@@ -246,11 +246,14 @@ def replicate(mesh: Mesh, tree):
 
 
 class Steps:
-  """The jit-compiled train and eval steps of a model on a mesh."""
+  """The jit-compiled train and eval steps of a model on a mesh; ``eval_model``
+  (default ``model``: the same parameters, e.g. with tighter DEQ solves)
+  evaluates."""
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, cfg: CertifiedTraining,
                mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1,
-               verifier: str | None = None, crown_max_neurons: int | None = None):
+               verifier: str | None = None, crown_max_neurons: int | None = None,
+               eval_model: nn.Module | None = None):
     if verifier is not None and verifier not in VERIFIERS:
       raise ValueError(f'verifier must be None or one of {VERIFIERS}, got {verifier!r}.')
     self.cfg, self.mesh = cfg, mesh
@@ -260,7 +263,8 @@ class Steps:
     self._train_shardings = dict(in_shardings=(repl, data), out_shardings=(repl, repl))
     self._train: dict[StepKind, Any] = {}
     self._eval = jax.jit(
-        lambda s, b, k, eps: eval_step(s, b, k, model=model, cfg=cfg, eps=eps,
+        lambda s, b, k, eps: eval_step(s, b, k, model=model if eval_model is None else eval_model,
+                                       cfg=cfg, eps=eps,
                                        pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
                                        verifier=verifier, crown_max_neurons=crown_max_neurons),
         in_shardings=(repl, data, repl, repl), out_shardings=repl)

@@ -24,13 +24,17 @@ from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
 log = logging.getLogger(__name__)
 
 
-def build_model(config: Config, dataset: data.Dataset):
+def build_model(config: Config, dataset: data.Dataset, evaluation: bool = False):
+  """The model of ``config``; with ``evaluation``, its DEQ solves run to
+  ``eval_tol`` (same parameters, tighter certificates)."""
   solver_cls = solvers.Anderson if config.solver == 'anderson' else solvers.Picard
+  tol, max_iter = ((config.eval_tol, config.eval_max_iter) if evaluation
+                   else (config.tol, config.max_iter))
   image_size = dataset.image_shape[0]
   return models.create(
       config.model, dataset.num_classes, image_size=image_size, width=config.width,
       depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
-      solver=solver_cls(tol=config.tol, max_iter=config.max_iter),
+      solver=solver_cls(tol=tol, max_iter=max_iter),
       deq_stride=config.deq_stride, tail_strides=config.tail_strides,
       deq_param_mode=config.deq_param_mode, deq_bound=config.deq_bound,
       batch_norm=config.batch_norm)
@@ -138,7 +142,7 @@ def setup(config: Config, train_ds: data.Dataset):
   state = training.replicate(mesh, state)
   steps = training.Steps(model, tx, cfg, mesh, config.pgd_steps, config.pgd_restarts,
                          None if config.verifier == 'ibp' else config.verifier,
-                         config.crown_max_neurons)
+                         config.crown_max_neurons, build_model(config, train_ds, evaluation=True))
   return model, cfg, lr, tx, mesh, state, steps
 
 

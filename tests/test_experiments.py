@@ -121,7 +121,7 @@ def runs(tmp_path_factory, data_dir, env):
   # non-atomically, and a concurrent reader of a half-written one would print
   # a warning (the refusals must print exactly one line).
   side, side_env = {}, {}
-  for name in ('other_eps', 'no_resume', 'eval_only'):
+  for name in ('other_eps', 'no_resume', 'eval_only', 'eval_tol'):
     shutil.copytree(a, str(tmp / name))
     cache = str(tmp / f'cache_{name}')
     shutil.copytree(env['JAX_COMPILATION_CACHE_DIR'], cache)
@@ -131,6 +131,8 @@ def runs(tmp_path_factory, data_dir, env):
   side['no_resume'] = start(base + [f'--workdir={tmp / "no_resume"}'], side_env['no_resume'])
   side['eval_only'] = start(base + [f'--workdir={tmp / "eval_only"}', '--eval_only'],
                             side_env['eval_only'])
+  side['eval_tol'] = start(base + [f'--workdir={tmp / "eval_tol"}', '--eval_only',
+                                   '--eval_tol=1e-7'], side_env['eval_tol'])
 
   # B1: SIGKILL once a checkpoint beyond the first one exists (mid-epoch 1).
   b = str(tmp / 'B')
@@ -393,6 +395,18 @@ def test_eval_only_reproduces_results(runs):
   # No training happened: the checkpoints and metrics are those of A.
   assert step_dirs(workdir) == step_dirs(runs['A_dir'])
   assert read_metrics(workdir) == read_metrics(runs['A_dir'])
+
+
+def test_evaluation_solves_to_eval_tol_not_the_training_tol(runs):
+  # Training solves to --tol (1e-3 for Fashion-MNIST); evaluation to
+  # --eval_tol, which --eval_only may change without retraining.
+  assert runs['A_results']['config']['tol'] == 1e-3
+  assert 0 < runs['A_results']['deq_residual_max'] <= 1e-5  # the default --eval_tol
+  must_succeed(runs['eval_tol'])
+  tight = read_results(runs['side_dirs']['eval_tol'])
+  assert tight['deq_converged'] == 100 and 0 < tight['deq_residual_max'] <= 1e-7
+  assert tight['certified_but_broken'] == 0
+  assert tight['certified_error'] >= tight['pgd_error'] >= tight['standard_error']
 
 
 # --- validation split, fractional budgets, step calibration ---------------------------
