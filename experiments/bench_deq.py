@@ -92,16 +92,14 @@ def trained_layer_iterations(workdir: str, examples: int = 256, tol: float = 1e-
   from cerdeq_jax import checkpointing, data, training
   from cerdeq_jax.interval import linf_ball
   from experiments import loop, run_files
-  from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
+  from experiments.config import Config
 
   saved = json.loads((run_files.workdir_path(workdir) / 'results.json').read_text())['config']
-  config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                     if k in Config.__dataclass_fields__})
+  config = Config.from_json(saved)
   train_ds, test_ds = loop.load_splits(config)
-  _, cfg, _, tx, _, template, _ = loop.setup(config, train_ds)
-  identity = {k: v for k, v in config.to_json().items()
-              if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
-  ckpt = checkpointing.Checkpointer(run_files.workdir_path(workdir) / 'checkpoints', identity)
+  _, cfg, _, _, _, template, _ = loop.setup(config, train_ds)
+  ckpt = checkpointing.Checkpointer(run_files.workdir_path(workdir) / 'checkpoints',
+                                    config.identity())
   state = ckpt.restore(template)
   ckpt.close()
   x = data.normalize(test_ds.images[:examples], cfg.mean, cfg.std)

@@ -84,6 +84,18 @@ class Config:
   def to_json(self) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+  @classmethod
+  def from_json(cls, fields: dict) -> 'Config':
+    """The inverse of `to_json` (unknown keys, e.g. of a newer version, ignored)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+                  if k in cls.__dataclass_fields__})
+
+  def identity(self) -> dict:
+    """What a checkpoint must have been saved under to be resumed by this
+    config: every field but run control and added fields at their default."""
+    return {k: v for k, v in self.to_json().items()
+            if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+
 
 RUN_CONTROL = ('checkpoint_every_steps', 'keep_checkpoints', 'eval_only', 'resume', 'progress',
                'stop_after_steps', 'data_dir', 'epochs', 'eval_examples_per_epoch',

@@ -19,7 +19,7 @@ import numpy as np
 from cerdeq_jax import (checkpointing, data, linf_training, models, parametrize, reparam,
                         schedules, solvers, training)
 from experiments import plots, preemption, run_files
-from experiments.common import ADDED_FIELDS, RUN_CONTROL, Config
+from experiments.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   model, cfg, lr, tx, mesh, state, steps = setup(config, train_ds)
   spe = cfg.steps_per_epoch
 
-  identity = {k: v for k, v in config.to_json().items()
-              if k not in RUN_CONTROL and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
-  ckpt = checkpointing.Checkpointer(work / 'checkpoints', identity, config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(work / 'checkpoints', config.identity(),
+                                   config.keep_checkpoints)
   metrics_path = work / run_files.METRICS
   if config.resume or config.eval_only:
     try:
