@@ -135,7 +135,8 @@ def test_deq_solve_and_its_gradient_are_all_highest(rng, box):
 
 # --- training passes: DEFAULT in the layers only -------------------------------------
 
-_LAYER = re.compile(r'/(Conv_\d+|Dense_\d+|injection|classifier)/(conv_general_dilated|dot_general)$')
+_LAYER = re.compile(r'/(Conv_\d+|Dense_\d+|injection|classifier)/(conv_general_dilated|dot_general'
+                    r'|nhwi,nhwo->io/dot_general)$')
 
 
 @pytest.mark.parametrize('kind', [training.StepKind(True, True), training.StepKind(False, False)],
@@ -149,19 +150,16 @@ def test_train_step_lowers_default_in_the_layers_only(tiny, kind):
   assert low and all(o['precision'] == 'DEFAULT' for o in low)
   # Solver loops, the DEQ cell (under vmap), margins and the projection (no
   # module path) stay HIGHEST; the explicit layers, forward and VJP, go DEFAULT.
-  # The kernel VJPs of `ops.same_conv` (a scan: no module path) run at their
-  # convolution's precision, either.
-  kernel_vjp = lambda o: o['name'].startswith('same_conv_kernel_vjp/')
   for o in found:
     critical = ('while' in o['name'] or '/deq/vmap' in o['name'] or 'nd,ndk->nk' in o['name']
-                or not (o['name'].startswith('jit(') or kernel_vjp(o)))
+                or not o['name'].startswith('jit('))
     if critical:
       assert o['precision'] == 'HIGHEST', o
     elif _LAYER.search(o['name']):
       assert o['precision'] == 'DEFAULT', o
   assert {o['name'] for o in low} <= {o['name'] for o in found if _LAYER.search(o['name'])
                                       or o['name'].endswith('/deq/conv_general_dilated')
-                                      or kernel_vjp(o)}
+                                      or o['name'].endswith('/deq/nhwi,nhwo->io/dot_general')}
   highest = dict(cfg.__dict__, precision='highest')
   step = functools.partial(training.train_step, model=model, tx=tx, kind=kind,
                            cfg=training.CertifiedTraining(**highest))
