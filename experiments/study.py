@@ -49,6 +49,8 @@ SCHEDULE = {'eps_start': 0.1, 'eps_length': 0.5, 'milestones': (0.75, 0.9)}
 SMALL = ('--width=16', '--dense=128')
 #: The CerDEQ configuration chosen on the validation split (plan 'select').
 CERDEQ = ('--model=cerdeq',) + SMALL
+#: The DEQ options of issue 8 §2: Björck as a reparametrisation, the ρ(S) bound.
+REPARAM_RHO = ('--deq_param_mode=reparam', '--deq_bound=rho')
 TRAIN_IMAGES = 60000         # Fashion-MNIST's training split (all of it: --train_examples=60000)
 VALIDATION_EXAMPLES = 10000  # held out of it by plans that choose options
 
@@ -77,7 +79,8 @@ PLANS = {
     'main': Plan('CerDEQ against CNN-7, 3 seeds, 17 minutes each, test set',
                  tuple(r for s in (0, 1, 2) for r in (
                      Run(f'cerdeq_s{s}', CERDEQ, s),
-                     Run(f'cnn7_s{s}', ('--model=cnn7',) + SMALL, s))), minutes=17),
+                     Run(f'cnn7_s{s}', ('--model=cnn7',) + SMALL, s),
+                     Run(f'cerdeq_rho_s{s}', CERDEQ + REPARAM_RHO, s))), minutes=17),
     'ablation': Plan('DEQ+SN and DEQ+WN (the CerDEQ layout, other parametrisations), '
                      '2 seeds, 10 minutes, test set',
                      _seeds('deq_sn', ('--model=deq_sn',) + SMALL, (0, 1))
@@ -94,11 +97,14 @@ PLANS = {
                    'out), 1 seed, 8 minutes',
                    tuple(Run(n, ('--model=cerdeq',) + f) for n, f in (
                        ('cerdeq', SMALL),
-                       ('cerdeq_reparam_rho', SMALL + ('--deq_param_mode=reparam',
-                                                       '--deq_bound=rho')),
+                       ('cerdeq_reparam_rho', SMALL + REPARAM_RHO),
                        ('cerdeq_tail14', SMALL + ('--tail_strides=1,1,1',)),
                        ('cerdeq_w32', ('--width=32', '--dense=128')),
-                   )) + (Run('cnn7', ('--model=cnn7',) + SMALL),), minutes=8, validation=True),
+                   )) + (Run('cnn7', ('--model=cnn7',) + SMALL),)
+                   # a second seed for the two closest choices (seed 0 is the run above)
+                   + (Run('cerdeq_s1', CERDEQ, 1),
+                      Run('cerdeq_reparam_rho_s1', CERDEQ + REPARAM_RHO, 1)),
+                   minutes=8, validation=True),
 }
 
 
