@@ -149,20 +149,34 @@ def setup(config: Config, train_ds: data.Dataset):
 def time_train_step(config: Config, repeats: int = 20) -> dict:
   """``seconds_per_step``: the median wall time of one certified train step at
   full ε on real batches (after compilation), the unit of a study's time
-  budgets; and ``steps_per_epoch``."""
+  budgets; and ``steps_per_epoch``. CROWN-IBP also gets
+  ``seconds_per_crown_step``: a step of the ε ramp, where the loss adds the
+  CROWN-IBP bound (β > 0) and costs more than the IBP step after it."""
   train_ds, _ = load_splits(config)
   _, cfg, _, _, mesh, state, steps = setup(config, train_ds)
-  step = round((cfg.eps_start_epochs + cfg.eps_length_epochs) * cfg.steps_per_epoch)
-  state = state.replace(step=training.replicate(mesh, np.int32(step)))  # ε = eps_max
-  batches = data.epoch_batches(train_ds, config.batch_size, config.seed, 0,
-                               augment_pad=config.augment_pad, flip=config.flip)
-  times = []
-  for _, batch in zip(range(repeats + 1), batches):
-    t = time.perf_counter()
-    state, m = steps.train(state, batch, step)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  return {'seconds_per_step': float(np.median(times[1:])), 'steps_per_epoch': cfg.steps_per_epoch}
+  spe = cfg.steps_per_epoch
+
+  def median_time(state, step):  # the step donates its state: it flows through
+    state = state.replace(step=training.replicate(mesh, np.int32(step)))
+    batches = data.epoch_batches(train_ds, config.batch_size, config.seed, 0,
+                                 augment_pad=config.augment_pad, flip=config.flip)
+    times = []
+    for _, batch in zip(range(repeats + 1), batches):
+      t = time.perf_counter()
+      state, m = steps.train(state, batch, step)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+    return state, float(np.median(times[1:]))
+
+  full_eps = round((cfg.eps_start_epochs + cfg.eps_length_epochs) * spe)
+  state, seconds = median_time(state, full_eps)
+  out = {'seconds_per_step': seconds, 'steps_per_epoch': spe}
+  if config.method == 'crown_ibp':
+    mid_ramp = round((cfg.eps_start_epochs + cfg.eps_length_epochs / 2) * spe)
+    if not cfg.is_crown_step(mid_ramp):
+      raise UsageError('--calibrate: the schedule has no CROWN-IBP step to time')
+    _, out['seconds_per_crown_step'] = median_time(state, mid_ramp)
+  return out
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

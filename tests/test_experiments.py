@@ -426,24 +426,42 @@ def test_validation_run_with_a_fractional_last_epoch(tmp_path, data_dir, env):
 
 
 @pytest.mark.slow
-def test_calibrate_prints_the_step_time_and_trains_nothing(tmp_path, data_dir, env):
+@pytest.mark.parametrize('method', ['ibp', 'crown_ibp'])
+def test_calibrate_prints_the_step_time_and_trains_nothing(tmp_path, data_dir, env, method):
   work = tmp_path / 'cal'
-  out = must_succeed(finish(start(FLAGS + [f'--data_dir={data_dir}', f'--workdir={work}',
-                                           '--calibrate'], env)))
+  model = ['--model=cnn7', '--method=crown_ibp'] if method == 'crown_ibp' else []
+  out = must_succeed(finish(start(FLAGS + model + [f'--data_dir={data_dir}', f'--workdir={work}',
+                                                   '--calibrate'], env)))
   timing = json.loads(out['out'].strip().splitlines()[-1])
   assert timing['steps_per_epoch'] == 8 and 0 < timing['seconds_per_step'] < 60
+  # CROWN-IBP's ramp steps are timed too (the study prices them apart)
+  assert ('seconds_per_crown_step' in timing) == (method == 'crown_ibp')
   assert not os.path.exists(work / 'checkpoints') and not os.path.exists(work / 'metrics.jsonl')
 
 
 def test_study_budget_is_minutes_over_step_time():
   from experiments import study
-  flags_ = dict(f.lstrip('-').split('=') for f in study.budget_flags(10, 0.5, 100))
+  flags_ = dict(f.lstrip('-').split('=') for f in study.budget_flags(
+      10, {'seconds_per_step': 0.5}, 100))
   epochs = float(flags_['epochs'])
   assert epochs == 12  # 600 s / 0.5 s = 1200 steps = 12 epochs of 100 steps
   assert float(flags_['eps_start_epochs']) == pytest.approx(study.SCHEDULE['eps_start'] * 12)
   assert float(flags_['eps_length_epochs']) == pytest.approx(study.SCHEDULE['eps_length'] * 12)
   assert [float(m) for m in flags_['milestones'].split(',')] == pytest.approx(
       [m * 12 for m in study.SCHEDULE['milestones']])
+
+
+def test_study_budget_prices_crown_ramp_steps_and_scales_the_linf_schedule():
+  from experiments import study
+  given = lambda *a: dict(f.lstrip('-').split('=') for f in study.budget_flags(*a))
+  # CROWN-IBP: N steps, the ramp's half of them at 1.5 s, the rest at 0.5 s: N = 600 / 1.0
+  crown = given(10, {'seconds_per_step': 0.5, 'seconds_per_crown_step': 1.5}, 100)
+  assert float(crown['epochs']) == 6 and float(crown['eps_length_epochs']) == 3
+  linf = given(10, {'seconds_per_step': 0.5}, 100, ['--model=linf_dist', '--width=64'])
+  assert float(linf['epochs']) == 12 and 'milestones' not in linf
+  assert [float(e) for e in linf['p_epochs'].split(',')] == [1.5, 10.5]  # 50/400, 350/400
+  mlp = given(10, {'seconds_per_step': 0.5}, 100, ['--model=linf_dist_mlp'])
+  assert float(mlp['eps_length_epochs']) == 1.5  # 50 of 400 epochs
 
 
 def test_main_job_is_the_main_plans_cerdeq_run():
@@ -454,7 +472,7 @@ def test_main_job_is_the_main_plans_cerdeq_run():
   with open(os.path.join(h.REPO, 'docs', 'results', 'calibration.json')) as f:
     seconds = json.load(f)[' '.join(study.model_flags(run))]['seconds_per_step']
   args = study.run_flags(plan, run) + study.budget_flags(
-      plan.minutes, seconds, study.steps_per_epoch(plan, run))
+      plan.minutes, {'seconds_per_step': seconds}, study.steps_per_epoch(plan, run))
   d = fashion_mnist.DEFAULTS
   given = dict(a.lstrip('-').split('=', 1) for a in args if '=' in a)
   assert given.pop('model') == d.model and float(given.pop('eps')) == d.eps
