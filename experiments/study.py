@@ -85,7 +85,7 @@ PLANS = {
                  tuple(r for s in (0, 1, 2) for r in (
                      Run(f'cerdeq_s{s}', CERDEQ, s),
                      Run(f'cnn7_s{s}', ('--model=cnn7',) + SMALL, s),
-                     Run(f'cerdeq_rho_s{s}', CERDEQ + REPARAM_RHO, s))), minutes=17),
+                     Run(f'cerdeq_reparam_rho_s{s}', CERDEQ + REPARAM_RHO, s))), minutes=17),
     'ablation': Plan('DEQ+SN and DEQ+WN (the CerDEQ layout, other parametrisations), '
                      '2 seeds, 10 minutes, test set',
                      _seeds('deq_sn', ('--model=deq_sn',) + SMALL, (0, 1))
