@@ -34,7 +34,8 @@ from absl import app, flags
 flags.DEFINE_string('plan', 'main', 'Which plan (see PLANS).')
 flags.DEFINE_string('workdir', 'runs/study', 'Parent folder of the runs.')
 flags.DEFINE_list('only', [], 'Run only these run names (e.g. cerdeq_s0,cnn7_s1).')
-flags.DEFINE_string('results_dir', 'docs/results', 'Where results.json copies go.')
+flags.DEFINE_string('results_dir', 'docs/results',
+                    'Folder of the plans\' results (<plan>/<run>.json) and calibration.json.')
 flags.DEFINE_bool('calibrate_only', False, 'Measure (or re-measure) the step times, no runs.')
 flags.DEFINE_bool('list', False, 'Print the plan and exit.')
 FLAGS = flags.FLAGS

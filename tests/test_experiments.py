@@ -481,3 +481,22 @@ def test_main_job_is_the_main_plans_cerdeq_run():
   assert [float(m) for m in given.pop('milestones').split(',')] == list(d.milestones)
   for name, value in given.items():
     assert type(getattr(d, name))(value) == getattr(d, name), name
+
+
+def test_report_claims_stand_on_the_variant_chosen_on_validation():
+  from experiments import report
+  # summaries: group -> {metric: (mean, std or None)}; select on validation, main on test
+  summaries = {
+      'select': {'cerdeq': {'certified_error': (35.6, 0.2)},
+                 'cerdeq_reparam_rho': {'certified_error': (34.5, 0.3)}},
+      'main': {'cerdeq': {'certified_error': (30.0, 2.0)},
+               'cerdeq_reparam_rho': {'certified_error': (31.0, 0.5)},  # worse on test
+               'cnn7': {'certified_error': (30.3, 0.8)}}}
+  assert report.chosen_cerdeq(summaries) == 'cerdeq_reparam_rho'
+  chosen = [l for l in report.claims(summaries) if 'chosen on validation)' in l]
+  assert len(chosen) == 1 and 'reparametrised' in chosen[0] and 'not decided' in chosen[0]
+  assert report.verdict((28.0, 0.5), (30.3, 0.8)) == 'holds'           # 2.3 > 0.8
+  assert report.verdict((31.5, 0.5), (30.3, 0.8)) == 'is reversed'
+  assert report.verdict((28.0, None), (30.3, 0.8)).startswith('is not decided (one seed')
+  del summaries['select']
+  assert report.chosen_cerdeq(summaries) == 'cerdeq'  # no validation evidence: the default
