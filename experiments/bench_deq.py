@@ -38,22 +38,11 @@ def run_kind(kind: str, batch_size: int, steps: int) -> dict:
   CIFAR-10 defaults: Anderson, tol 1e-4, 50 iterations, full ε), in this process."""
   import jax
   import numpy as np
-  import optax
-  from cerdeq_jax import models, training
+  from cerdeq_jax import training
+  from experiments.bench_fixtures import cifar_train_setup
 
-  x = np.random.RandomState(0).randn(batch_size, 32, 32, 3).astype(np.float32)
-  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
-  model = models.create('cerdeq', 10, image_size=32)
-  cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
-                                   steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
-                                   parametrization=model.parametrization)
-  tx = optax.adam(5e-4)
-  mesh = training.make_mesh()
-  state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
-                                                       x[:1], cfg.parametrization))
-  step = training.Steps(model, tx, cfg, mesh).compiled_train(
-      training.StepKind(kind == 'certified', False))
-  global_batch = training.global_batch(mesh, batch)
+  steps_, state, global_batch = cifar_train_setup('cerdeq', batch_size)
+  step = steps_.compiled_train(training.StepKind(kind == 'certified', False))
   step = step.lower(state, global_batch).compile()  # compiled once, used below
   temp = step.memory_analysis()
   times, iterations = [], []

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): ``python -m experiments.benchmark --suite=core|train|data|all``.
+"""Benchmarks (not tests): ``python -m experiments.benchmark --suite=core|train|data|linf|crown|deq|all``.
 
 Every figure is a ratio of two timings taken in the same run on the same
 machine; absolute times hold only for that machine. Results are printed and
@@ -12,7 +12,7 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'linf', 'crown', 'all'],
+flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'linf', 'crown', 'deq', 'all'],
                   'Which benchmarks.')
 flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results.')
 flags.DEFINE_integer('repeats', 5, 'Timed repetitions (the median is reported).')
@@ -122,32 +122,21 @@ def train(repeats: int, batch_size: int, names: tuple[str, ...] = ('cnn7', 'cerd
   step (5 layers of ``linf_width`` neurons; published: 5120). ``image_size`` and
   ``model_kwargs`` (e.g. ``width``, ``dense`` of `models.create`) shrink them,
   as the accelerator check's dry run does."""
-  import jax
-  import numpy as np
-  import optax
-  from cerdeq_jax import models, solvers, training
+  from cerdeq_jax import solvers, training
+  from experiments.bench_fixtures import cifar_train_setup
 
   res = {}
-  x = np.random.RandomState(0).randn(batch_size, image_size, image_size, 3).astype(np.float32)
-  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
   for name in names:
-    model = models.create(name, 10, image_size=image_size,
-                          solver=solvers.Anderson(tol=1e-3, max_iter=30), **(model_kwargs or {}))
-    cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
-                                     steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
-                                     parametrization=getattr(model, 'parametrization', None))
-    tx = optax.adam(5e-4)
-    mesh = training.make_mesh()
-    steps = training.Steps(model, tx, cfg, mesh)
-    state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
-                                                         x[:1], cfg.parametrization))
+    steps, state, global_batch = cifar_train_setup(
+        name, batch_size, image_size, solver=solvers.Anderson(tol=1e-3, max_iter=30),
+        **(model_kwargs or {}))
     out = {}
     kinds = {'natural': training.StepKind(False, False), 'certified': training.StepKind(True, False)}
     if crown and name == 'cnn7':
       kinds['crown_ibp'] = training.StepKind(True, False, crown=True)
     for label, kind in kinds.items():
-      out[label], state = _time_step(steps.compiled_train(kind), state,
-                                     training.global_batch(mesh, batch), batch_size, repeats)
+      out[label], state = _time_step(steps.compiled_train(kind), state, global_batch,
+                                     batch_size, repeats)
     out['certified_over_natural_time'] = (out['certified']['seconds_per_step']
                                           / out['natural']['seconds_per_step'])
     if 'crown_ibp' in out:
@@ -282,6 +271,17 @@ def crown_tightness(seeds: int = 5, batch: int = 32) -> dict:
   return res
 
 
+def deq_step_weight(batch_size: int) -> dict:
+  """`experiments.bench_deq`: the certified CerDEQ step's peak memory and time
+  against the natural step (each in a fresh process, which it starts itself)."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, '-m', 'experiments.bench_deq',
+                        f'--batch_size={batch_size}'], check=True, capture_output=True,
+                       text=True).stdout
+  return json.loads(out[out.index('{'):])['step']
+
+
 def data_feed(repeats: int, batch_size: int) -> dict:
   """Host input pipeline throughput (augment + normalise + batch), CIFAR-sized."""
   import numpy as np
@@ -317,6 +317,8 @@ def main(argv):
     results['linf'] = linf(FLAGS.repeats)
   if FLAGS.suite in ('crown', 'all'):
     results['crown'] = crown_tightness()
+  if FLAGS.suite in ('deq', 'all'):
+    results['deq'] = deq_step_weight(FLAGS.batch_size)
   print(json.dumps(results, indent=1))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

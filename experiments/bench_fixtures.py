@@ -1,0 +1,25 @@
+"""What the step benchmarks share (no flags, so that every benchmark module
+can import it): a model's compiled train steps on a random CIFAR-10-shaped batch."""
+from __future__ import annotations
+
+
+def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_kwargs):
+  """``(steps, state, global_batch)``: the `training.Steps` of model ``name``
+  (`models.create` with ``model_kwargs``) at ε = 8/255, its replicated initial
+  state and a random CIFAR-10-shaped batch, the set-up of every step benchmark."""
+  import jax
+  import numpy as np
+  import optax
+  from cerdeq_jax import models, training
+
+  x = np.random.RandomState(0).randn(batch_size, image_size, image_size, 3).astype(np.float32)
+  batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
+  model = models.create(name, 10, image_size=image_size, **model_kwargs)
+  cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
+                                   steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
+                                   parametrization=getattr(model, 'parametrization', None))
+  tx = optax.adam(5e-4)
+  mesh = training.make_mesh()
+  state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
+                                                       x[:1], cfg.parametrization))
+  return training.Steps(model, tx, cfg, mesh), state, training.global_batch(mesh, batch)
