@@ -205,7 +205,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   key = jax.random.PRNGKey(config.seed + 1)
   total_steps = max(1, round(config.epochs * spe))  # a fractional last epoch is partial
   if is_main:
-    run_files.truncate_metrics(metrics_path, step // spe)
+    run_files.truncate_metrics(metrics_path, step)
     print(f'{config.model} on {config.dataset}: {train_ds.num_examples} train / '
           f'{test_ds.num_examples} {split}, {spe} steps per epoch, {total_steps} steps, '
           f'{jax.device_count()} device(s), {jax.process_count()} process(es); '

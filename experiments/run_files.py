@@ -35,10 +35,13 @@ def write_metrics(path: epath.Path, records: list[dict]) -> None:
   path.write_text(''.join(json.dumps(r) + '\n' for r in records))
 
 
-def truncate_metrics(path: epath.Path, before_epoch: int) -> None:
-  """Keeps the records of the epochs already completed (for exact resume)."""
+def truncate_metrics(path: epath.Path, step: int) -> None:
+  """Keeps the records written at or before ``step``, the step a run resumes
+  from (for exact resume): an epoch's record is written at its last step, so a
+  run resumed, or only evaluated, at its end keeps its last, possibly partial,
+  epoch."""
   if path.exists():
-    write_metrics(path, [r for r in read_metrics(path) if r['epoch'] < before_epoch])
+    write_metrics(path, [r for r in read_metrics(path) if r['step'] <= step])
 
 
 def append_metrics(path: epath.Path, record: dict) -> None:

@@ -397,6 +397,18 @@ def test_eval_only_reproduces_results(runs):
   assert read_metrics(workdir) == read_metrics(runs['A_dir'])
 
 
+def test_resume_keeps_the_metrics_written_up_to_its_step(tmp_path):
+  from experiments import run_files
+  path = run_files.workdir_path(str(tmp_path)) / run_files.METRICS
+  # 3.5 epochs of 10 steps: records at the epoch ends and at the run's end
+  records = [{'epoch': e, 'step': s} for e, s in enumerate((10, 20, 30, 35))]
+  run_files.write_metrics(path, records)
+  run_files.truncate_metrics(path, 35)   # --eval_only, or --resume of a finished run
+  assert run_files.read_metrics(path) == records
+  run_files.truncate_metrics(path, 24)   # resumed from a checkpoint in epoch 2
+  assert run_files.read_metrics(path) == records[:2]
+
+
 def test_evaluation_solves_to_eval_tol_not_the_training_tol(runs):
   # Training solves to --tol (1e-3 for Fashion-MNIST); evaluation to
   # --eval_tol, which --eval_only may change without retraining.
