@@ -120,9 +120,13 @@ def table(summary: dict[str, dict], runs: dict[str, dict]) -> list[str]:
   return rows
 
 
+def larger_std(a, b) -> float:
+  return max(a[1] or 0.0, b[1] or 0.0)
+
+
 def verdict(a, b) -> str:
   """Whether mean ``a`` is lower than mean ``b`` beyond the larger std."""
-  spread = max(a[1] or 0.0, b[1] or 0.0)
+  spread = larger_std(a, b)
   return ('is not decided (one seed: no spread to compare with)' if None in (a[1], b[1])
           else 'holds' if b[0] - a[0] > spread else
           'is reversed' if a[0] - b[0] > spread else 'is not decided (within the spread)')
@@ -144,13 +148,14 @@ def claims(plans: dict[str, dict[str, dict]]) -> list[str]:
   lines = []
   main = plans.get('main', {})
   chosen = chosen_cerdeq(plans)
-  for group in sorted(g for g in main if g.startswith('cerdeq') and 'cnn7' in main):
+  variants = sorted(g for g in main if g.startswith('cerdeq')) if 'cnn7' in main else []
+  for group in variants:
     a, b = main[group]['certified_error'], main['cnn7']['certified_error']
     role = ('the variant chosen on validation' if group == chosen
             else 'not chosen on validation: reported, not a claim')
     lines.append(f'* Claim 1, {NAMES.get(group, group)} ({role}) certifies better than CNN-7: '
                  f'{fmt(a)} vs {fmt(b)} % (difference {b[0] - a[0]:+.2f}, larger std '
-                 f'{max(a[1] or 0.0, b[1] or 0.0):.2f}) → {verdict(a, b)}.')
+                 f'{larger_std(a, b):.2f}) → {verdict(a, b)}.')
   baselines = plans.get('baselines', {})
   for other in ('cnn7_crown_ibp', 'linf_dist', 'linf_dist_mlp'):
     if chosen in main and other in baselines:
