@@ -141,7 +141,7 @@ class Anderson:
   """
   tol: float = 1e-4
   max_iter: int = 50
-  memory: int = 5
+  memory: int = 3
   ridge: float = 1e-4
   mixing: float = 1.0
 

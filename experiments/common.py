@@ -87,6 +87,9 @@ def define_flags(defaults: Config) -> None:
                       "'spectral': keep ||S||_2 <= deq_scale; 'rho': keep the (looser) "
                       'Perron-root bound rho(S) <= deq_scale, certified in a weighted sup-norm.')
   flags.DEFINE_string('solver', d.solver, "'anderson' or 'picard'.")
+  flags.DEFINE_integer('anderson_memory', d.anderson_memory,
+                       'Iterates that Anderson mixes (memory grows with it: batch x memory x '
+                       'the DEQ state, twice, for each bound).')
   flags.DEFINE_float('tol', d.tol, 'Relative residual tolerance of DEQ solves.')
   flags.DEFINE_integer('max_iter', d.max_iter, 'Iteration limit of DEQ solves.')
   flags.DEFINE_float('eval_tol', d.eval_tol,
@@ -173,7 +176,8 @@ def config_from_flags(defaults: Config, model_defaults: dict | None = None) -> C
       augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
       deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
       deq_param_mode=FLAGS.deq_param_mode, deq_bound=FLAGS.deq_bound,
-      solver=FLAGS.solver, tol=FLAGS.tol, max_iter=FLAGS.max_iter, eval_tol=FLAGS.eval_tol,
+      solver=FLAGS.solver, anderson_memory=FLAGS.anderson_memory, tol=FLAGS.tol,
+      max_iter=FLAGS.max_iter, eval_tol=FLAGS.eval_tol,
       eval_max_iter=FLAGS.eval_max_iter,
       pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,

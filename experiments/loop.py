@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 def build_model(config: Config, dataset: data.Dataset, evaluation: bool = False):
   """The model of ``config``; with ``evaluation``, its DEQ solves run to
   ``eval_tol`` (same parameters, tighter certificates)."""
-  solver_cls = solvers.Anderson if config.solver == 'anderson' else solvers.Picard
   tol, max_iter = ((config.eval_tol, config.eval_max_iter) if evaluation
                    else (config.tol, config.max_iter))
+  solver = (solvers.Anderson(tol, max_iter, memory=config.anderson_memory)
+            if config.solver == 'anderson' else solvers.Picard(tol, max_iter))
   image_size = dataset.image_shape[0]
   return models.create(
       config.model, dataset.num_classes, image_size=image_size, width=config.width,
       depth=config.depth, deq_scale=config.deq_scale, dense=config.dense,
-      solver=solver_cls(tol=tol, max_iter=max_iter),
+      solver=solver,
       deq_stride=config.deq_stride, tail_strides=config.tail_strides,
       deq_param_mode=config.deq_param_mode, deq_bound=config.deq_bound,
       batch_norm=config.batch_norm)

@@ -7,6 +7,7 @@ SIGKILL, a resume stopped by SIGTERM, and a final resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -197,6 +198,7 @@ def _bad_flag_cases(tmp, data_dir):
       'eps_nan': (['--eps=nan'] + ok, 'nan'),
       'model': (['--model=nope'] + ok, 'nope'),
       'batch_size': (['--batch_size=0'] + ok, 'batch_size'),
+      'anderson_memory': (['--anderson_memory=0'] + ok, 'anderson_memory'),
       'deq_param_mode': (['--deq_param_mode=both'] + ok, 'deq_param_mode'),
       'deq_bound': (['--deq_bound=frobenius'] + ok, 'deq_bound'),
       'workdir_unwritable': ([f'--data_dir={data_dir}', f'--workdir={blocker}/sub'],
@@ -209,7 +211,7 @@ def _bad_flag_cases(tmp, data_dir):
 
 
 BAD_FLAG_CASES = ('eps_text', 'eps_negative', 'eps_too_big', 'eps_zero_division', 'eps_nan',
-                  'model', 'batch_size', 'deq_param_mode', 'deq_bound', 'workdir_unwritable',
+                  'model', 'batch_size', 'anderson_memory', 'deq_param_mode', 'deq_bound', 'workdir_unwritable',
                   'data_dir_missing', 'extra_argument')
 
 
@@ -496,6 +498,11 @@ def test_main_job_is_the_main_plans_cerdeq_run():
   assert [float(m) for m in given.pop('milestones').split(',')] == list(d.milestones)
   for name, value in given.items():
     assert type(getattr(d, name))(value) == getattr(d, name), name
+  # And the committed run was trained with everything the demo would use,
+  # flags not given included (e.g. Anderson's memory, whose default moved).
+  from experiments.config import Config
+  saved = Config.from_json(results['main'][run.name]['config'])
+  assert saved.identity() == dataclasses.replace(d, train_examples=60000).identity()
 
 
 def test_report_claims_stand_on_the_variant_chosen_on_validation():
