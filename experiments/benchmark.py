@@ -7,6 +7,7 @@ written as JSON to ``--out``.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 
@@ -14,7 +15,8 @@ from absl import app, flags
 
 flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'linf', 'crown', 'deq', 'all'],
                   'Which benchmarks.')
-flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results.')
+flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results: the suites run '
+                    'replace their entries, the others are kept.')
 flags.DEFINE_integer('repeats', 5, 'Timed repetitions (the median is reported).')
 flags.DEFINE_integer('batch_size', 128, 'Batch size of the train-step benchmark.')
 FLAGS = flags.FLAGS
@@ -300,12 +302,28 @@ def data_feed(repeats: int, batch_size: int) -> dict:
   return {'images_per_s': ds.num_examples / t}
 
 
+def merged(old: dict, new: dict, measured: dict) -> dict:
+  """``old`` (a previous --out file) with the suites of ``new`` replaced, each
+  suite stamped with how it was ``measured`` (machine, command, date, load):
+  a run of one suite keeps the figures of the others. A file of the older
+  layout (one machine/command for all its suites) gets them moved into each."""
+  out = {k: v for k, v in old.items() if k not in ('machine', 'command')}
+  for suite, figures in out.items():
+    if isinstance(figures, dict) and 'measured' not in figures:
+      figures['measured'] = {k: old[k] for k in ('machine', 'command') if k in old}
+  out.update({suite: {**figures, 'measured': measured} for suite, figures in new.items()})
+  return out
+
+
 def main(argv):
   del argv
   import jax
-  results = {'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
-                        f'{jax.device_count()} device(s), jax {jax.__version__}',
-             'command': f'python -m experiments.benchmark --suite={FLAGS.suite}'}
+  measured = {'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
+                         f'{jax.device_count()} device(s), jax {jax.__version__}',
+              'command': f'python -m experiments.benchmark --suite={FLAGS.suite}',
+              'date': time.strftime('%Y-%m-%d %H:%M'),
+              'load_average_1min_at_start': os.getloadavg()[0]}
+  results = {}
   if FLAGS.suite in ('core', 'all'):
     results['core'] = core(FLAGS.repeats)
   if FLAGS.suite in ('train', 'all'):
@@ -319,10 +337,11 @@ def main(argv):
     results['crown'] = crown_tightness()
   if FLAGS.suite in ('deq', 'all'):
     results['deq'] = deq_step_weight(FLAGS.batch_size)
-  print(json.dumps(results, indent=1))
+  print(json.dumps({'measured': measured, **results}, indent=1))
   if FLAGS.out:
+    old = json.loads(open(FLAGS.out).read()) if os.path.exists(FLAGS.out) else {}
     with open(FLAGS.out, 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump(merged(old, results, measured), f, indent=1)
 
 
 if __name__ == '__main__':

@@ -522,3 +522,14 @@ def test_report_claims_stand_on_the_variant_chosen_on_validation():
   assert report.verdict((28.0, None), (30.3, 0.8)).startswith('is not decided (one seed')
   del summaries['select']
   assert report.chosen_cerdeq(summaries) == 'cerdeq'  # no validation evidence: the default
+
+
+def test_benchmark_out_keeps_the_suites_not_run():
+  from experiments.benchmark import merged
+  old = {'machine': 'vm', 'command': 'benchmark --suite=all',
+         'core': {'a': 1.0}, 'train': {'b': 2.0}}
+  now = {'machine': 'vm2', 'command': 'benchmark --suite=train', 'date': 'd', 'load': 0.1}
+  out = merged(old, {'train': {'b': 3.0}}, now)
+  before = {'machine': 'vm', 'command': 'benchmark --suite=all'}
+  assert out == {'core': {'a': 1.0, 'measured': before}, 'train': {'b': 3.0, 'measured': now}}
+  assert merged(out, {'deq': {'c': 4.0}}, now)['core'] == out['core']
