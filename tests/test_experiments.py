@@ -520,6 +520,14 @@ def test_report_claims_stand_on_the_variant_chosen_on_validation():
   assert report.verdict((28.0, 0.5), (30.3, 0.8)) == 'holds'           # 2.3 > 0.8
   assert report.verdict((31.5, 0.5), (30.3, 0.8)) == 'is reversed'
   assert report.verdict((28.0, None), (30.3, 0.8)).startswith('is not decided (one seed')
+  # Claim 2 compares parametrisations at the ablation plan's own budget once
+  # the chosen CerDEQ has run there; before that, against the main plan, unjudged.
+  summaries['ablation'] = {'deq_wn': {'certified_error': (30.0, 0.1)}}
+  (line,) = [l for l in report.claims(summaries) if 'Claim 2' in l]
+  assert 'longer budget' in line and '→' not in line
+  summaries['ablation']['cerdeq_reparam_rho'] = {'certified_error': (29.0, 0.2)}
+  (line,) = [l for l in report.claims(summaries) if 'Claim 2' in l]
+  assert 'same budget' in line and '29.00' in line and line.endswith('→ holds.')
   del summaries['select']
   assert report.chosen_cerdeq(summaries) == 'cerdeq'  # no validation evidence: the default
 
