@@ -1,5 +1,6 @@
-"""What the step benchmarks share (no flags, so that every benchmark module
-can import it): a model's compiled train steps on a random CIFAR-10-shaped batch."""
+"""What the benchmarks share (no flags, so that every benchmark module, and a
+test, can import it): a model's compiled train steps on a random
+CIFAR-10-shaped batch, and the merging of a results file."""
 from __future__ import annotations
 
 
@@ -23,3 +24,16 @@ def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_
   state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),
                                                        x[:1], cfg.parametrization))
   return training.Steps(model, tx, cfg, mesh), state, training.global_batch(mesh, batch)
+
+
+def merged(old: dict, new: dict, measured: dict) -> dict:
+  """``old`` (a previous --out file) with the suites of ``new`` replaced, each
+  suite stamped with how it was ``measured`` (machine, command, date, load):
+  a run of one suite keeps the figures of the others. A file of the older
+  layout (one machine/command for all its suites) gets them moved into each."""
+  out = {k: v for k, v in old.items() if k not in ('machine', 'command')}
+  for suite, figures in out.items():
+    if isinstance(figures, dict) and 'measured' not in figures:
+      figures['measured'] = {k: old[k] for k in ('machine', 'command') if k in old}
+  out.update({suite: {**figures, 'measured': measured} for suite, figures in new.items()})
+  return out

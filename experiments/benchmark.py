@@ -13,6 +13,8 @@ import time
 
 from absl import app, flags
 
+from experiments.bench_fixtures import merged
+
 flags.DEFINE_enum('suite', 'all', ['core', 'train', 'data', 'linf', 'crown', 'deq', 'all'],
                   'Which benchmarks.')
 flags.DEFINE_string('out', 'docs/benchmarks.json', 'JSON file for the results: the suites run '
@@ -300,19 +302,6 @@ def data_feed(repeats: int, batch_size: int) -> dict:
     times.append(time.perf_counter() - t)
   t = sorted(times)[len(times) // 2]
   return {'images_per_s': ds.num_examples / t}
-
-
-def merged(old: dict, new: dict, measured: dict) -> dict:
-  """``old`` (a previous --out file) with the suites of ``new`` replaced, each
-  suite stamped with how it was ``measured`` (machine, command, date, load):
-  a run of one suite keeps the figures of the others. A file of the older
-  layout (one machine/command for all its suites) gets them moved into each."""
-  out = {k: v for k, v in old.items() if k not in ('machine', 'command')}
-  for suite, figures in out.items():
-    if isinstance(figures, dict) and 'measured' not in figures:
-      figures['measured'] = {k: old[k] for k in ('machine', 'command') if k in old}
-  out.update({suite: {**figures, 'measured': measured} for suite, figures in new.items()})
-  return out
 
 
 def main(argv):

@@ -533,7 +533,7 @@ def test_report_claims_stand_on_the_variant_chosen_on_validation():
 
 
 def test_benchmark_out_keeps_the_suites_not_run():
-  from experiments.benchmark import merged
+  from experiments.bench_fixtures import merged
   old = {'machine': 'vm', 'command': 'benchmark --suite=all',
          'core': {'a': 1.0}, 'train': {'b': 2.0}}
   now = {'machine': 'vm2', 'command': 'benchmark --suite=train', 'date': 'd', 'load': 0.1}
