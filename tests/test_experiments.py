@@ -541,3 +541,15 @@ def test_benchmark_out_keeps_the_suites_not_run():
   before = {'machine': 'vm', 'command': 'benchmark --suite=all'}
   assert out == {'core': {'a': 1.0, 'measured': before}, 'train': {'b': 3.0, 'measured': now}}
   assert merged(out, {'deq': {'c': 4.0}}, now)['core'] == out['core']
+
+
+def test_every_deq_run_of_a_plan_names_its_mode_and_bound():
+  # The experiment's defaults moved once (to the validation choice); a plan's
+  # runs must not move with them, or its seeds train different layers.
+  from experiments import study
+  for plan in study.PLANS.values():
+    for run in plan.runs:
+      model = dict(f.lstrip('-').split('=', 1) for f in run.flags if '=' in f).get('model')
+      if model in ('cerdeq', 'deq_sn', 'deq_wn'):
+        named = {f.split('=')[0] for f in run.flags}
+        assert {'--deq_param_mode', '--deq_bound'} <= named, run.name
