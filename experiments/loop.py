@@ -215,7 +215,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   final_key = jax.random.fold_in(key, 10**6)
   final = None
   stopper = preemption.Stopper(ckpt.reached_preemption)
-  interrupted = False
+  interrupted = stop_here = False
   try:
     while step < total_steps and not config.eval_only:
       epoch, start = divmod(step, spe)
@@ -240,19 +240,22 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         # Every process asks at every step (the multi-process sync point needs it).
         stop_now = stopper.should_stop(step) or bool(
             config.stop_after_steps and step >= config.stop_after_steps)
+        # A stop on an epoch's last step first finishes the epoch (its short
+        # evaluation, checkpoint and metrics record), which a resume could not
+        # recreate; a stop mid-epoch or on the run's last step (whose evaluation
+        # is the long final one, done on resume) saves here and stops.
+        stop_here = stop_now and (step % spe != 0 or step >= total_steps)
         # The epoch-end save (with metrics) covers the last step of an epoch
         # and of the run.
-        if stop_now or (step % config.checkpoint_every_steps == 0 and step % spe != 0
-                        and step < total_steps):
+        if stop_here or (step % config.checkpoint_every_steps == 0 and step % spe != 0
+                         and step < total_steps):
           ckpt.save(state, step)
-        if stop_now:
-          interrupted = True
-          break
-        if step >= total_steps:
+        interrupted = interrupted or stop_now
+        if stop_here or step >= total_steps:
           break
       if hasattr(batches, 'close'):
         batches.close()
-      if interrupted:
+      if stop_here:
         break
       record = {'epoch': epoch, 'step': step, 'eps': float(cfg.epsilon(step - 1)),
                 'lr': float(lr(step - 1)), 'time_s': time.time() - t0,
@@ -273,6 +276,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
               f'eps {record["eps"]:.4f} | {split} standard {ev["standard_error"]:.2f}% '
               f'PGD {ev["pgd_error"]:.2f}% certified {ev["certified_error"]:.2f}% '
               f'({ev["examples"]} examples) | {record["time_s"]:.0f}s', flush=True)
+      if interrupted:
+        break
   finally:
     stopper.restore()
 

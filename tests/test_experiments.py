@@ -553,3 +553,18 @@ def test_every_deq_run_of_a_plan_names_its_mode_and_bound():
       if model in ('cerdeq', 'deq_sn', 'deq_wn'):
         named = {f.split('=')[0] for f in run.flags}
         assert {'--deq_param_mode', '--deq_bound'} <= named, run.name
+
+
+@pytest.mark.slow
+def test_stop_on_an_epochs_last_step_keeps_that_epochs_record(tmp_path, data_dir, env):
+  # A stop (here --stop_after_steps, as a SIGTERM would) on the last step of
+  # epoch 0 finishes that epoch first: its metrics record exists, and the
+  # resumed run ends with one record per epoch, as an uninterrupted run does.
+  work = str(tmp_path / 'C')
+  base = FLAGS + [f'--data_dir={data_dir}', f'--workdir={work}']
+  first = must_succeed(finish(start(base + [f'--stop_after_steps={STEPS // 2}'], env)))
+  assert f'stopped at step {STEPS // 2}' in first['out'], first['out']
+  assert [r['step'] for r in read_metrics(work)] == [STEPS // 2]
+  assert 'test_certified_error' in read_metrics(work)[0]
+  must_succeed(finish(start(base + ['--resume'], env)))
+  assert [r['epoch'] for r in read_metrics(work)] == [0, 1]
