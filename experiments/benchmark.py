@@ -328,7 +328,10 @@ def main(argv):
     results['deq'] = deq_step_weight(FLAGS.batch_size)
   print(json.dumps({'measured': measured, **results}, indent=1))
   if FLAGS.out:
-    old = json.loads(open(FLAGS.out).read()) if os.path.exists(FLAGS.out) else {}
+    old = {}
+    if os.path.exists(FLAGS.out):
+      with open(FLAGS.out) as f:
+        old = json.load(f)
     with open(FLAGS.out, 'w') as f:
       json.dump(merged(old, results, measured), f, indent=1)
 
