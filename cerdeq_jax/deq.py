@@ -195,7 +195,7 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   if z0 is None:
     z0 = jax.tree_util.tree_map(jnp.zeros_like, injection)
   z, st = implicit.fixed_point(batch_fn, (kernel, injection), z0, solver, adjoint_solver,
-                               batched=True)
+                               batched=True, theta_axes=(None, 0))
   # Certificates of the kernel, not training signals (a reparametrised kernel
   # is differentiated through its own bound, in `reparam`).
   fixed = jax.lax.stop_gradient(kernel)

@@ -5,7 +5,9 @@
 The batch is sharded over a 1-D ``Mesh`` axis ``'data'`` (all devices of all
 processes); parameters and optimiser state are replicated. BatchNorm moments
 are plain means over the (global) batch axis, so under ``jit`` they are taken
-over the global batch. The parametrisation's projection (Björck / WN / SN) is
+over the global batch. The steps are traced with the mesh in context
+(``use_abstract_mesh``), so each device runs the DEQ solver loops on its own slice
+of the batch (`cerdeq_jax.implicit`). The parametrisation's projection (Björck / WN / SN) is
 applied after the optimiser update, inside the step.
 """
 from __future__ import annotations
@@ -263,18 +265,26 @@ class Steps:
     self._train_shardings = dict(in_shardings=(repl, data), out_shardings=(repl, repl))
     self._train: dict[StepKind, Any] = {}
     self._eval = jax.jit(
-        lambda s, b, k, eps: eval_step(s, b, k, model=model if eval_model is None else eval_model,
-                                       cfg=cfg, eps=eps,
-                                       pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
-                                       verifier=verifier, crown_max_neurons=crown_max_neurons),
+        self._on_mesh(lambda s, b, k, eps: eval_step(
+            s, b, k, model=model if eval_model is None else eval_model, cfg=cfg, eps=eps,
+            pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, verifier=verifier,
+            crown_max_neurons=crown_max_neurons)),
         in_shardings=(repl, data, repl, repl), out_shardings=repl)
+
+  def _on_mesh(self, fn):
+    """``fn`` traced with the mesh in context: the DEQ solver loops then run
+    per device (`cerdeq_jax.implicit`), with no collective inside them."""
+    def traced(*args):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return fn(*args)
+    return traced
 
   def compiled_train(self, kind: StepKind):
     """The jitted train step of ``kind`` (built on first use: a run compiles
     only the kinds its schedule reaches)."""
     if kind not in self._train:
       fn = lambda s, b: train_step(s, b, model=self._model, tx=self._tx, cfg=self.cfg, kind=kind)
-      self._train[kind] = jax.jit(fn, donate_argnums=0, **self._train_shardings)
+      self._train[kind] = jax.jit(self._on_mesh(fn), donate_argnums=0, **self._train_shardings)
     return self._train[kind]
 
   def train(self, state: TrainState, local_batch: dict, step: int):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -161,6 +162,41 @@ def certified_training(model, eps: float):
                                     **SCHEDULE)
 
 
+# --- compiled programs ----------------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r'= .*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(')
+
+
+def collectives_in_loops(hlo: str) -> tuple[int, list[str]]:
+  """Reads the text of a compiled (SPMD-partitioned) HLO module: the number of
+  ``while`` loops, and every collective reachable from a loop's condition or
+  body (through nested calls, fusions and loops). XLA:CPU runs a loop
+  asynchronously, so a collective inside one may race with an independent
+  collective outside it; gloo pairs collectives by order across processes."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header:
+      name = header.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  callees = {n: re.findall(r'(?:condition|body|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)',
+                           '\n'.join(lines)) for n, lines in bodies.items()}
+  loops = [re.findall(r'(?:condition|body)=%?([\w.\-]+)', line)
+           for lines in bodies.values() for line in lines if ' while(' in line]
+  seen, stack = set(), [c for loop in loops for c in loop]
+  while stack:
+    comp = stack.pop()
+    if comp not in seen and comp in bodies:
+      seen.add(comp)
+      stack.extend(callees[comp])
+  found = [f'{comp}: {line.strip()[:120]}' for comp in sorted(seen) for line in bodies[comp]
+           if _COLLECTIVE.search(line)]
+  return len(loops), found
+
+
 # --- worker ---------------------------------------------------------------------
 
 def _flat(prefix: str, tree) -> dict:
@@ -284,6 +320,9 @@ def worker(spec: dict) -> None:
   out.update(_flat('spectral', state.spectral))
   out['eps'] = np.asarray(eps_trace)
   out['device_count'] = np.asarray(jax.device_count())
+  if spec.get('hlo_check'):
+    out.update(_loop_collectives(steps, state, batch, mesh, sorted(
+        {cfg.step_kind(s) for s in range(spec['steps'])})))
   out['process_count'] = np.asarray(jax.process_count())
   if spectral_trace:
     out['spectral_trace'] = np.stack(spectral_trace)
@@ -328,6 +367,27 @@ def worker(spec: dict) -> None:
   log('done')
   if spec.get('num_processes'):
     jax.distributed.shutdown()
+
+
+def _loop_collectives(steps, state, batch, mesh, kinds) -> dict:
+  """`collectives_in_loops` of the compiled train steps of ``kinds`` and of the
+  eval step, and of a loop that does hold one (the detector finds it)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from cerdeq_jax import training
+  batch = training.global_batch(mesh, batch)
+  texts = [steps.compiled_train(k).lower(state, batch).compile().as_text() for k in kinds]
+  texts.append(steps._eval.lower(state, batch, jax.random.PRNGKey(0),
+                                 jnp.float32(0.1)).compile().as_text())
+  loops, found = zip(*map(collectives_in_loops, texts))
+  x = jax.device_put(jnp.ones(mesh.size * 2), NamedSharding(mesh, P(training.DATA_AXIS)))
+  global_loop = jax.jit(lambda x: jax.lax.while_loop(lambda x: jnp.any(x < 4), lambda x: x * 2, x))
+  _, positive = collectives_in_loops(global_loop.lower(x).compile().as_text())
+  for f in filter(None, found):
+    print('collective in a loop:', *f[:5], sep='\n  ')
+  return {'loops': np.asarray(loops), 'loop_collectives': np.asarray([len(f) for f in found]),
+          'detector_positive': np.asarray(len(positive))}
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ together by the module fixture ``runs`` so that they share the two cores:
   0-4 the ε = 0 warm-up: natural loss + regularisers on bounds at ε = 1e-6;
   5-8 on the ε ramp, regularised through step 7; then ε = 0.1), snapshot
   after 7 steps, then the evaluation and the strong-PGD check;
-* ``sharded``: the first 7 steps on 8 forced CPU devices;
+* ``sharded``: the first 7 steps on 8 forced CPU devices, then the compiled
+  train and eval programs read for collectives inside loops;
 * ``multi``: the first 7 steps as 2 processes (1 CPU device each) through
   `jax.distributed`, each feeding its half of every global batch;
 * ``wn`` / ``sn``: 3 steps of the DEQ+WN / DEQ+SN ablations.
@@ -43,7 +44,7 @@ def runs(tmp_path_factory):
                                  out=str(tmp / 'ref.npz')),
                             h.subprocess_env(cache)),
       'sharded': h.start_worker(dict(model='cerdeq', steps=SNAPSHOT, eps=EPS, lr=1e-2,
-                                     out=str(tmp / 'sharded.npz')),
+                                     hlo_check=True, out=str(tmp / 'sharded.npz')),
                                 h.subprocess_env(cache, devices=8)),
   }
   for i in range(2):
@@ -265,6 +266,17 @@ def test_eps_schedule_of_train_step(runs):
 
 
 @pytest.mark.slow
+def test_no_collective_inside_a_solver_loop(runs):
+  """On 8 devices, the compiled train steps of the run (warm-up, ramp) and the
+  eval step have their DEQ solver loops, and none holds a collective (each
+  device solves its own slice of the batch), while a loop that stops on a
+  global test does hold one: the reading finds what it looks for."""
+  sharded = _get(runs, 'sharded')
+  assert len(sharded['loops']) == 3 and np.all(sharded['loops'] > 0)
+  assert sharded['loop_collectives'].tolist() == [0, 0, 0]
+  assert int(sharded['detector_positive']) > 0
+
+
 def test_sharded_equals_unsharded(runs):
   """7 steps (2 of them certified, with the Björck projection) on 8 devices
   give the 1-device parameters."""
