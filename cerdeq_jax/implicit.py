@@ -6,8 +6,8 @@ of solver, again a ``while_loop``) and returning ``(df/dtheta)^T g``. Nothing of
 the forward iterations is stored: the memory of a gradient does not depend on
 the number of iterations.
 
-A batch of independent problems traced under a device mesh (``jax.set_mesh``)
-is solved per device: each device runs its own loops on its slice of the
+A batch of independent problems traced under a device mesh (``jax.set_mesh``,
+``jax.sharding.use_abstract_mesh``) is solved per device: each device runs its own loops on its slice of the
 batch (``jax.shard_map``), so that no collective runs inside a solver loop.
 Each sample stops on its own (`solvers.solve`), so this changes no result; it
 saves a cross-device reduction per iteration, and it avoids an XLA:CPU race:
@@ -37,10 +37,10 @@ def _per_device(fn: Callable, theta_axes: PyTree, theta: PyTree, *batched_args):
   with the leading batch axis, None for shared ones); every leaf of
   ``batched_args`` and of the result has the leading batch axis."""
   mesh = jax.sharding.get_abstract_mesh()
-  batch = jax.tree_util.tree_leaves(batched_args)[0].shape[0]
   # Only over automatic axes: inside a shard_map (manual) or under explicit
   # sharding, the caller has laid out the batch itself.
-  if (theta_axes is None or mesh.empty or mesh.size == 1 or batch % mesh.size
+  if (theta_axes is None or mesh.empty or mesh.size == 1
+      or jax.tree_util.tree_leaves(batched_args)[0].shape[0] % mesh.size
       or any(t != AxisType.Auto for t in mesh.axis_types)):
     return fn(theta, *batched_args)
   split = P(tuple(mesh.axis_names))
@@ -55,9 +55,7 @@ def _per_device(fn: Callable, theta_axes: PyTree, theta: PyTree, *batched_args):
 
 def _forward(fn, solver, batched, theta_axes, theta, z0):
   solve = lambda theta, z0: solvers.solve(lambda z: fn(theta, z), z0, solver, batched)
-  if not batched:
-    return solve(theta, z0)
-  return _per_device(solve, theta_axes, theta, z0)
+  return _per_device(solve, theta_axes if batched else None, theta, z0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5, 6))
@@ -102,7 +100,7 @@ def _fixed_point_bwd(fn, solver, adjoint_solver, batched, theta_axes, residuals,
     adjoint_map = lambda g: jax.tree_util.tree_map(jnp.add, vjp_z(g)[0], z_bar)
     return solvers.solve(adjoint_map, z_bar, adjoint_solver or solver, batched)[0]
 
-  g = _per_device(adjoint, theta_axes, theta, z, z_bar) if batched else adjoint(theta, z, z_bar)
+  g = _per_device(adjoint, theta_axes if batched else None, theta, z, z_bar)
   # Outside the per-device map: shared parameters sum their gradient over the batch.
   _, vjp_theta = jax.vjp(lambda t: fn(t, z), theta)
   (theta_bar,) = vjp_theta(g)

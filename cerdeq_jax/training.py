@@ -6,9 +6,9 @@ The batch is sharded over a 1-D ``Mesh`` axis ``'data'`` (all devices of all
 processes); parameters and optimiser state are replicated. BatchNorm moments
 are plain means over the (global) batch axis, so under ``jit`` they are taken
 over the global batch. The steps are traced with the mesh in context
-(``use_abstract_mesh``), so each device runs the DEQ solver loops on its own slice
-of the batch (`cerdeq_jax.implicit`). The parametrisation's projection (Björck / WN / SN) is
-applied after the optimiser update, inside the step.
+(``use_abstract_mesh``), so each device runs the DEQ solver loops on its own
+slice of the batch (`cerdeq_jax.implicit`). The parametrisation's projection
+(Björck / WN / SN) is applied after the optimiser update, inside the step.
 """
 from __future__ import annotations
 
