@@ -153,7 +153,7 @@ def test_train_step_lowers_default_in_the_layers_only(tiny, kind):
   # `same_conv`'s kernel-VJP taps run in a scan whose body has no module path:
   # they are recognised by their contraction (they follow the forward's
   # precision, tested above).
-  kernel_vjp = 'nhwi,nhwo->nio/dot_general'
+  kernel_vjp = 'nhwi,nhwo->io/dot_general'
   for o in found:
     critical = ('while' in o['name'] or '/deq/vmap' in o['name'] or 'nd,ndk->nk' in o['name']
                 or not o['name'].startswith('jit(')) and o['name'] != kernel_vjp
