@@ -1,13 +1,15 @@
 """cerdeq_jax: certifiably robust Deep Equilibrium Models in JAX/Flax.
 
 Public API (re-exported here); submodules: `ibp`, `crown` (with `graph`), `solvers`,
-`implicit`, `deq`, `parametrize` (with `orthogonal`, `reparam`, `initializers`), `layers`,
+`implicit` (with `per_device`), `deq`, `parametrize` (with `orthogonal`, `reparam`,
+`initializers`), `layers`,
 `linf_dist` (with `linf_training`), `models`, `losses`, `schedules`, `attacks`, `recipe`,
 `training`,
 `checkpointing`, `data`.
 """
 from cerdeq_jax import attacks, crown, deq, graph, ibp, implicit, layers, losses, models, ops
-from cerdeq_jax import initializers, orthogonal, parametrize, recipe, reparam, schedules, solvers
+from cerdeq_jax import initializers, orthogonal, parametrize, per_device, recipe, reparam
+from cerdeq_jax import schedules, solvers
 from cerdeq_jax import linf_dist, linf_training
 from cerdeq_jax.attacks import pgd
 from cerdeq_jax.deq import DEQStats, abs_operator_bound, solve_deq

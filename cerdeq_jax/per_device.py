@@ -39,35 +39,34 @@ def _batch_axes(in_axes: tuple, args: tuple):
   return mesh, tuple(mesh.axis_names)
 
 
-def _specs(in_axes: tuple, args: tuple, split: P) -> tuple:
+def _specs(in_axes: tuple, split: P) -> tuple:
   """vmap-style ``in_axes`` (per argument a prefix tree of 0 / None) as specs."""
   return tuple(jax.tree_util.tree_map(lambda axis: P() if axis is None else split, axes,
                                       is_leaf=lambda axis: axis is None)
                for axes in in_axes)
 
 
-def map_batch(fn: Callable, in_axes: tuple, *args):
-  """``fn(*args)``, per device. ``in_axes`` (one per argument, like vmap's:
-  0 where every leaf has the leading batch axis, None where it is shared, or
-  a prefix tree of those); every leaf of the result has the batch axis."""
+def _run(fn: Callable, in_axes: tuple, args: tuple, summed: bool):
   found = _batch_axes(in_axes, args)
   if found is None:
     return fn(*args)
   mesh, axes = found
+  body = (lambda *a: jax.lax.psum(fn(*a), axes)) if summed else fn
   # check_vma off: a loop's stopping test is per device on purpose. The jit
   # lets the compiler lay out eager inputs (a no-op inside a jit).
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=_specs(in_axes, args, P(axes)),
-                               out_specs=P(axes), check_vma=False))(*args)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=_specs(in_axes, P(axes)),
+                               out_specs=P() if summed else P(axes), check_vma=False))(*args)
+
+
+def map_batch(fn: Callable, in_axes: tuple, *args):
+  """``fn(*args)``, per device. ``in_axes`` (one per argument, like vmap's:
+  0 where every leaf has the leading batch axis, None where it is shared, or
+  a prefix tree of those); every leaf of the result has the batch axis."""
+  return _run(fn, in_axes, args, summed=False)
 
 
 def sum_batch(fn: Callable, in_axes: tuple, *args):
   """``fn(*args)`` where ``fn`` sums over the batch: per device it sums its own
   slice, and the devices' sums are added after ``fn`` (one all-reduce, outside
   any loop of ``fn``). The result is replicated."""
-  found = _batch_axes(in_axes, args)
-  if found is None:
-    return fn(*args)
-  mesh, axes = found
-  summed = lambda *a: jax.lax.psum(fn(*a), axes)
-  return jax.jit(jax.shard_map(summed, mesh=mesh, in_specs=_specs(in_axes, args, P(axes)),
-                               out_specs=P(), check_vma=False))(*args)
+  return _run(fn, in_axes, args, summed=True)
