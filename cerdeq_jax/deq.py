@@ -64,20 +64,22 @@ def abs_operator_bound(kernel) -> jax.Array:
 # more cell step.
 
 def deq_cell(theta, z, activation: Callable = jax.nn.relu):
-  """One DEQ step for one sample ``z: (H, W, C)``; injection = U x + b."""
+  """One DEQ step for a batch ``z: (N, H, W, C)``; injection = U x + b, same shape.
+
+  Batch-level, not a vmapped per-sample cell: each sample's output depends
+  only on its own input, and the kernel gradient then sums over the batch
+  inside `ops.same_conv`'s tap loop instead of keeping one per sample."""
   kernel, injection = theta
-  return activation(ops.same_conv(z[None], kernel, CERTIFY)[0] + injection)
+  return activation(ops.same_conv(z, kernel, CERTIFY) + injection)
 
 
 def interval_deq_cell(theta, z: Interval, activation: Callable = jax.nn.relu) -> Interval:
-  """IBP of one DEQ step; injection is the interval of U x + b (two convs)."""
+  """IBP of one DEQ step (two convs) for a batch; injection is the interval of U x + b."""
   kernel, injection = theta
-  pre = ibp.linear_map(
-      Interval(z.lower[None], z.upper[None]),
-      lambda c: ops.same_conv(c, kernel, CERTIFY),
-      lambda r: ops.same_conv(r, jnp.abs(kernel), CERTIFY))
-  pre = Interval(pre.lower[0] + injection.lower, pre.upper[0] + injection.upper)
-  return ibp.monotone(pre, activation)
+  pre = ibp.linear_map(z, lambda c: ops.same_conv(c, kernel, CERTIFY),
+                       lambda r: ops.same_conv(r, jnp.abs(kernel), CERTIFY))
+  return ibp.monotone(Interval(pre.lower + injection.lower, pre.upper + injection.upper),
+                      activation)
 
 
 def _perron_vector(s) -> jax.Array:
@@ -189,9 +191,8 @@ def solve_deq(kernel, injection, solver: solvers.Solver,
   """
   is_box = isinstance(injection, Interval)
   cell = interval_deq_cell if is_box else deq_cell
-  fn = lambda theta, z: cell(theta, z, activation)
   # One batched solve (not a vmap of single solves: see `solvers.solve`).
-  batch_fn = lambda theta, z: jax.vmap(fn, in_axes=((None, 0), 0))(theta, z)
+  batch_fn = lambda theta, z: cell(theta, z, activation)
   if z0 is None:
     z0 = jax.tree_util.tree_map(jnp.zeros_like, injection)
   z, st = implicit.fixed_point(batch_fn, (kernel, injection), z0, solver, adjoint_solver,
