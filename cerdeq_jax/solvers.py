@@ -120,8 +120,8 @@ class AndersonState(NamedTuple):
   fz: PyTree
   # Per leaf of z, batch axis first (as the mixing products want it: no
   # transposed copies, and no concatenation of the leaves).
-  xs: tuple                # (N, memory, size) per leaf: past iterates x_i
-  gs: tuple                # (N, memory, size) per leaf: their residuals f(x_i) - x_i
+  proposals: tuple         # (N, memory, size) per leaf: x_i + mixing * g_i
+  gs: tuple                # (N, memory, size) per leaf: residuals g_i = f(x_i) - x_i
   gram: jax.Array          # (N, memory, memory): <g_i, g_j>, one row per new entry
   count: jax.Array         # (): iterations of the batch (the ring slot)
   iteration: jax.Array     # (N,)
@@ -136,8 +136,10 @@ class Anderson:
   The mixing weights solve ``min ||sum_i a_i g_i||`` s.t. ``sum_i a_i = 1`` via
   the ridge-regularised Gram system ``(G G^T + ridge * tr/m I) a ∝ 1``. When that
   system gives non-finite weights (ill-conditioned Gram) the step falls back to
-  a damped Picard step. Two history buffers (``f(x_i) = x_i + g_i``), and the
-  Gram matrix gains one row and column per step instead of being recomputed.
+  a damped Picard step. Two history buffers: the proposals ``x_i + mixing *
+  g_i``, whose mix is the next iterate (one pass over the history per step),
+  and the residuals ``g_i`` (for the new Gram row). The Gram matrix gains one
+  row and column per step instead of being recomputed.
   """
   tol: float = 1e-4
   max_iter: int = 50
@@ -147,15 +149,15 @@ class Anderson:
 
   def init(self, fn: Callable, z0: PyTree) -> AndersonState:
     fz = fn(z0)
-    xs, gs = [], []
+    proposals, gs = [], []
     for x, fx in zip(_rows(z0), _rows(fz)):
       empty = jnp.zeros((x.shape[0], self.memory, x.shape[1]), x.dtype)
-      xs.append(_write(empty, 0, x))
+      proposals.append(_write(empty, 0, x + self.mixing * (fx - x)))
       gs.append(_write(empty, 0, fx - x))
     norms = jnp.square(_norms(_map(jnp.subtract, fz, z0)))
     gram = jnp.zeros(norms.shape + (self.memory,) * 2, norms.dtype).at[:, 0, 0].set(norms)
     rel, abs_res = _residuals(z0, fz)
-    return AndersonState(z0, fz, tuple(xs), tuple(gs), gram, jnp.zeros((), jnp.int32),
+    return AndersonState(z0, fz, tuple(proposals), tuple(gs), gram, jnp.zeros((), jnp.int32),
                          jnp.zeros(rel.shape, jnp.int32), rel, abs_res)
 
   def _weights(self, gram, count):
@@ -182,7 +184,7 @@ class Anderson:
     # Full precision: the next iterate, hence the residual that decides
     # convergence, is this product (bf16/TF32 would stall it near 1e-3).
     mix = lambda rows: jnp.einsum('nm,nmk->nk', a.astype(rows.dtype), rows, precision=CERTIFY)
-    x_new = [mix(x) + self.mixing * mix(g) for x, g in zip(state.xs, state.gs)]
+    x_new = [mix(p) for p in state.proposals]
     leaves, treedef = jax.tree_util.tree_flatten(state.z)
     z = treedef.unflatten([x.reshape(leaf.shape) for x, leaf in zip(x_new, leaves)])
     fz = fn(z)
@@ -197,8 +199,9 @@ class Anderson:
         active, (z, fz, state.iteration + 1, rel, abs_res),
         (state.z, state.fz, state.iteration, state.residual, state.abs_residual))
     # A stopped sample's history goes on being written; nothing reads it.
-    xs = tuple(_write(x, slot, new) for x, new in zip(state.xs, x_new))
-    return AndersonState(z, fz, xs, gs, gram, count + 1, iteration, rel, abs_res)
+    proposals = tuple(_write(p, slot, new + self.mixing * g)
+                      for p, new, g in zip(state.proposals, x_new, g_new))
+    return AndersonState(z, fz, proposals, gs, gram, count + 1, iteration, rel, abs_res)
 
   def terminate(self, state) -> jax.Array:
     """``(N,)``: this sample is done."""
