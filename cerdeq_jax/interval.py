@@ -211,5 +211,15 @@ def linf_ball(x, eps: float, mean: Sequence[float] | float = 0.0,
     raise ValueError('std must be positive.')
   lo_valid = (pixel_range[0] - mean) / std
   hi_valid = (pixel_range[1] - mean) / std
+  # Outside the valid range the clipped box would not contain x (or be empty:
+  # lower > upper), and bounds computed on it would not bound x's outputs.
+  # Checked where x is concrete; inside a jit the caller's data must be valid.
+  if not any(isinstance(v, jax.core.Tracer) for v in (x, mean, std)):
+    values, lo, hi = np.asarray(x), np.asarray(lo_valid), np.asarray(hi_valid)
+    slack = 1e-4 * np.maximum(1.0, hi - lo)
+    outside = (values < lo - slack) | (values > hi + slack)
+    if np.any(outside):
+      raise ValueError(f'{int(np.sum(outside))} entries of x lie outside the normalised pixel range '
+                       f'{pixel_range} (x must be (pixels - mean) / std with pixels in that range).')
   radius = eps / std
   return Interval(jnp.maximum(x - radius, lo_valid), jnp.minimum(x + radius, hi_valid))

@@ -13,10 +13,14 @@ def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_
   import optax
   from cerdeq_jax import models, training
 
-  x = np.random.RandomState(0).randn(batch_size, image_size, image_size, 3).astype(np.float32)
+  mean, std = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
+  # Random pixels in [0, 1], normalised: the ε-box around an input outside the
+  # pixel range would be clipped away from it (or empty).
+  pixels = np.random.RandomState(0).rand(batch_size, image_size, image_size, 3)
+  x = ((pixels - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
   batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
   model = models.create(name, 10, image_size=image_size, **model_kwargs)
-  cfg = training.CertifiedTraining(eps=8 / 255, mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2),
+  cfg = training.CertifiedTraining(eps=8 / 255, mean=mean, std=std,
                                    steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
                                    parametrization=getattr(model, 'parametrization', None))
   tx = optax.adam(5e-4)

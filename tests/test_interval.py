@@ -185,3 +185,19 @@ def test_certified_layers_still_take_intervals():
   nominal = logits[jnp.arange(2), labels][:, None] - logits
   assert margins.shape == (2, 3) and bool(jnp.all(jnp.isfinite(margins)))
   assert bool(jnp.all(margins <= nominal + 1e-5))
+
+
+def test_linf_ball_rejects_inputs_outside_the_pixel_range():
+  mean, std = np.array([0.5]), np.array([0.25])
+  # Pixel 1.2 normalises to 2.8 > (1 - 0.5) / 0.25 = 2: clipping the box to the
+  # valid range would give [2, 2] at ε = 0 — an interval that does not contain x.
+  x = jnp.asarray((np.array([[[[0.3], [1.2]]]]) - mean) / std, jnp.float32)
+  with pytest.raises(ValueError, match='1 entries of x lie outside'):
+    linf_ball(x, 0.0, mean, std)
+  # Pixels 0 and 1 exactly, after float32 rounding, are inside.
+  edge = jnp.asarray((np.array([[[[0.0], [1.0]]]]) - mean) / std, jnp.float32)
+  box = linf_ball(edge, 0.0, mean, std)
+  assert np.all(np.asarray(box.lower) <= np.asarray(edge))
+  assert np.all(np.asarray(edge) <= np.asarray(box.upper) + 1e-6)
+  # Inside a jit x is traced and cannot be checked: the box is built as is.
+  jax.jit(lambda v: linf_ball(v, 0.0, mean, std))(x)
