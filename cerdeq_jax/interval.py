@@ -219,7 +219,7 @@ def linf_ball(x, eps: float, mean: Sequence[float] | float = 0.0,
     slack = 1e-4 * np.maximum(1.0, hi - lo)
     outside = (values < lo - slack) | (values > hi + slack)
     if np.any(outside):
-      raise ValueError(f'{int(np.sum(outside))} entries of x lie outside the normalised pixel range '
-                       f'{pixel_range} (x must be (pixels - mean) / std with pixels in that range).')
+      raise ValueError(f'x has {int(np.sum(outside))} value(s) outside the pixel range '
+                       f'{pixel_range}: it must be (pixels - mean) / std, pixels in that range.')
   radius = eps / std
   return Interval(jnp.maximum(x - radius, lo_valid), jnp.minimum(x + radius, hi_valid))

@@ -192,7 +192,7 @@ def test_linf_ball_rejects_inputs_outside_the_pixel_range():
   # Pixel 1.2 normalises to 2.8 > (1 - 0.5) / 0.25 = 2: clipping the box to the
   # valid range would give [2, 2] at ε = 0 — an interval that does not contain x.
   x = jnp.asarray((np.array([[[[0.3], [1.2]]]]) - mean) / std, jnp.float32)
-  with pytest.raises(ValueError, match='1 entries of x lie outside'):
+  with pytest.raises(ValueError, match=r'x has 1 value\(s\) outside the pixel range'):
     linf_ball(x, 0.0, mean, std)
   # Pixels 0 and 1 exactly, after float32 rounding, are inside.
   edge = jnp.asarray((np.array([[[[0.0], [1.0]]]]) - mean) / std, jnp.float32)
