@@ -134,12 +134,12 @@ class Anderson:
   """Anderson acceleration (type II) with memory ``memory``.
 
   The mixing weights solve ``min ||sum_i a_i g_i||`` s.t. ``sum_i a_i = 1`` via
-  the ridge-regularised Gram system ``(G G^T + ridge * tr/m I) a ∝ 1``. When that
-  system gives non-finite weights (ill-conditioned Gram) the step falls back to
-  a damped Picard step. Two history buffers: the proposals ``x_i + mixing *
-  g_i``, whose mix is the next iterate (one pass over the history per step),
-  and the residuals ``g_i`` (for the new Gram row). The Gram matrix gains one
-  row and column per step instead of being recomputed.
+  the ridge-regularised Gram system ``(G G^T + ridge * min_i ||g_i||^2 I) a ∝ 1``.
+  When that system gives non-finite weights (ill-conditioned Gram) the step
+  falls back to a damped Picard step. Two history buffers: the proposals
+  ``x_i + mixing * g_i``, whose mix is the next iterate (one pass over the
+  history per step), and the residuals ``g_i`` (for the new Gram row). The Gram
+  matrix gains one row and column per step instead of being recomputed.
   """
   tol: float = 1e-4
   max_iter: int = 50
@@ -167,7 +167,11 @@ class Anderson:
     valid = jnp.arange(m) < count
     pair = valid[:, None] & valid[None, :]
     gram = jnp.where(pair, gram, 0.0)
-    scale = jnp.trace(gram, axis1=1, axis2=2) / jnp.maximum(count, 1) + 1e-30
+    # Relative to the smallest residual in the window, not the mean: the first,
+    # large residuals would otherwise dominate and over-damp the later steps
+    # (memory 5 on a trained layer: 6.44 iterations against 5.82).
+    diagonal = jnp.diagonal(gram, axis1=1, axis2=2)
+    scale = jnp.min(jnp.where(valid, diagonal, jnp.inf), axis=1) + 1e-30
     diag = jnp.where(valid, self.ridge * scale[:, None], 1.0)
     gram = gram + diag[:, :, None] * jnp.eye(m, dtype=gram.dtype)
     rhs = jnp.broadcast_to(valid.astype(gram.dtype), diag.shape)
