@@ -2,10 +2,8 @@
 
 Public API (re-exported here); submodules: `ibp`, `crown` (with `graph`), `solvers`,
 `implicit` (with `per_device`), `deq`, `parametrize` (with `orthogonal`, `reparam`,
-`initializers`), `layers`,
-`linf_dist` (with `linf_training`), `models`, `losses`, `schedules`, `attacks`, `recipe`,
-`training`,
-`checkpointing`, `data`.
+`initializers`), `layers`, `linf_dist` (with `linf_training`), `models`, `losses`,
+`schedules`, `attacks`, `recipe`, `training`, `checkpointing`, `data`.
 """
 from cerdeq_jax import attacks, crown, deq, graph, ibp, implicit, layers, losses, models, ops
 from cerdeq_jax import initializers, orthogonal, parametrize, per_device, recipe, reparam

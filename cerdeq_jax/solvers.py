@@ -152,8 +152,9 @@ class Anderson:
     proposals, gs = [], []
     for x, fx in zip(_rows(z0), _rows(fz)):
       empty = jnp.zeros((x.shape[0], self.memory, x.shape[1]), x.dtype)
-      proposals.append(_write(empty, 0, x + self.mixing * (fx - x)))
-      gs.append(_write(empty, 0, fx - x))
+      g = fx - x
+      proposals.append(_write(empty, 0, x + self.mixing * g))
+      gs.append(_write(empty, 0, g))
     norms = jnp.square(_norms(_map(jnp.subtract, fz, z0)))
     gram = jnp.zeros(norms.shape + (self.memory,) * 2, norms.dtype).at[:, 0, 0].set(norms)
     rel, abs_res = _residuals(z0, fz)

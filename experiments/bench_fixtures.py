@@ -11,13 +11,13 @@ def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_
   import jax
   import numpy as np
   import optax
-  from cerdeq_jax import models, training
+  from cerdeq_jax import data, models, training
 
   mean, std = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
-  # Random pixels in [0, 1], normalised: the ε-box around an input outside the
-  # pixel range would be clipped away from it (or empty).
-  pixels = np.random.RandomState(0).rand(batch_size, image_size, image_size, 3)
-  x = ((pixels - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+  # Random uint8 pixels, normalised as real data is: an input outside the pixel
+  # range would lie outside its own (clipped) ε-box.
+  pixels = np.random.RandomState(0).randint(0, 256, (batch_size, image_size, image_size, 3))
+  x = data.normalize(pixels.astype(np.uint8), mean, std)
   batch = {'image': x, 'label': np.arange(batch_size) % 10, 'mask': np.ones(batch_size, bool)}
   model = models.create(name, 10, image_size=image_size, **model_kwargs)
   cfg = training.CertifiedTraining(eps=8 / 255, mean=mean, std=std,
