@@ -4,9 +4,10 @@ Used where a loop iterates over a batch whose samples are independent (the
 DEQ solves, the taps of a kernel gradient). Traced under a device mesh with
 automatic axes (``jax.set_mesh``, ``jax.sharding.use_abstract_mesh``: the
 train and eval steps do this), the loop then runs inside ``jax.shard_map`` and
-holds no collective; otherwise (no mesh, one device, a batch the mesh does not
-divide, manual or explicit axes, where the caller has laid out the batch
-itself) the function runs as is.
+holds no collective: over all axes of an automatic mesh, over the axes the
+batch is sharded on for explicit axes. Otherwise (no mesh, one device, a batch
+the automatic mesh does not divide or that explicit axes replicate, manual axes,
+where the caller has laid out the batch itself) the function runs as is.
 
 Why no collective may sit in a loop: XLA:CPU runs a ``while`` loop
 asynchronously and orders collectives only by when they start, so an
@@ -25,18 +26,31 @@ from jax.sharding import AxisType, PartitionSpec as P
 PyTree = Any
 
 
-def _batch_axes(in_axes: tuple, args: tuple):
-  """The mesh axes to split the batch over, or None to run as is."""
+def _split(in_axes: tuple, args: tuple):
+  """``(mesh, batch axes, shard_map's in_specs argument)`` to run per device,
+  or None to run as is.
+
+  Automatic axes: the batch splits over all of them (if they divide it).
+  Explicit axes: over those the batch is sharded on, read off its type, and
+  shard_map infers every argument's spec (a replicated batch runs as is)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or any(t != AxisType.Auto for t in mesh.axis_types):
+  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
     return None
   batched = jax.tree_util.tree_leaves(
       [jax.tree_util.tree_map(lambda axis, sub: None if axis is None else sub, axes, arg,
                               is_leaf=lambda axis: axis is None)
        for axes, arg in zip(in_axes, args)])
-  if not batched or batched[0].shape[0] % mesh.size:
+  if not batched:
     return None
-  return mesh, tuple(mesh.axis_names)
+  if AxisType.Explicit in mesh.axis_types:
+    spec = jax.typeof(batched[0]).sharding.spec
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return (mesh, axes, {}) if axes else None
+  if batched[0].shape[0] % mesh.size:
+    return None
+  axes = tuple(mesh.axis_names)
+  return mesh, axes, {'in_specs': _specs(in_axes, P(axes))}
 
 
 def _specs(in_axes: tuple, split: P) -> tuple:
@@ -47,14 +61,14 @@ def _specs(in_axes: tuple, split: P) -> tuple:
 
 
 def _run(fn: Callable, in_axes: tuple, args: tuple, summed: bool):
-  found = _batch_axes(in_axes, args)
+  found = _split(in_axes, args)
   if found is None:
     return fn(*args)
-  mesh, axes = found
+  mesh, axes, specs = found
   body = (lambda *a: jax.lax.psum(fn(*a), axes)) if summed else fn
   # check_vma off: a loop's stopping test is per device on purpose. The jit
   # lets the compiler lay out eager inputs (a no-op inside a jit).
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=_specs(in_axes, P(axes)),
+  return jax.jit(jax.shard_map(body, mesh=mesh, axis_names=set(axes), **specs,
                                out_specs=P() if summed else P(axes), check_vma=False))(*args)
 
 

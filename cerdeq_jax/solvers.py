@@ -72,6 +72,14 @@ def _keep(active, new, old):
   return _map(pick, new, old)
 
 
+def _batch_zeros(like, shape) -> jax.Array:
+  """Zeros ``(N, *shape)`` laid out like ``like``'s batch axis (``(N, ...)``):
+  under a mesh with explicit axes a history must be sharded as the rows
+  written into it."""
+  column = jnp.zeros_like(like.reshape(like.shape[0], -1)[:, 0])
+  return jnp.broadcast_to(column.reshape(-1, *(1,) * len(shape)), (like.shape[0], *shape))
+
+
 def _write(history, slot, row):
   """``history[:, slot] = row`` as an in-place dynamic update (a scatter
   made XLA copy the whole buffer every iteration)."""
@@ -100,7 +108,7 @@ class Picard:
   def init(self, fn: Callable, z0: PyTree) -> PicardState:
     fz = fn(z0)
     rel, abs_res = _residuals(z0, fz)
-    return PicardState(z0, fz, jnp.zeros(rel.shape, jnp.int32), rel, abs_res)
+    return PicardState(z0, fz, jnp.zeros_like(rel, jnp.int32), rel, abs_res)
 
   def step(self, fn: Callable, state: PicardState) -> PicardState:
     d = self.damping
@@ -151,15 +159,15 @@ class Anderson:
     fz = fn(z0)
     proposals, gs = [], []
     for x, fx in zip(_rows(z0), _rows(fz)):
-      empty = jnp.zeros((x.shape[0], self.memory, x.shape[1]), x.dtype)
+      empty = _batch_zeros(x, (self.memory, x.shape[1]))
       g = fx - x
       proposals.append(_write(empty, 0, x + self.mixing * g))
       gs.append(_write(empty, 0, g))
     norms = jnp.square(_norms(_map(jnp.subtract, fz, z0)))
-    gram = jnp.zeros(norms.shape + (self.memory,) * 2, norms.dtype).at[:, 0, 0].set(norms)
+    gram = _batch_zeros(norms, (self.memory,) * 2).at[:, 0, 0].set(norms)
     rel, abs_res = _residuals(z0, fz)
     return AndersonState(z0, fz, tuple(proposals), tuple(gs), gram, jnp.zeros((), jnp.int32),
-                         jnp.zeros(rel.shape, jnp.int32), rel, abs_res)
+                         jnp.zeros_like(rel, jnp.int32), rel, abs_res)
 
   def _weights(self, gram, count):
     """``(N, m)`` mixing weights over the ``count`` valid entries, and ``(N,)``
@@ -175,7 +183,7 @@ class Anderson:
     scale = jnp.min(jnp.where(valid, diagonal, jnp.inf), axis=1) + 1e-30
     diag = jnp.where(valid, self.ridge * scale[:, None], 1.0)
     gram = gram + diag[:, :, None] * jnp.eye(m, dtype=gram.dtype)
-    rhs = jnp.broadcast_to(valid.astype(gram.dtype), diag.shape)
+    rhs = jnp.where(valid, jnp.ones_like(diag), 0.0)  # laid out like the batch
     a = jnp.linalg.solve(gram, rhs[..., None])[..., 0]
     a = a / jnp.sum(a, axis=1, keepdims=True)
     return a, jnp.all(jnp.isfinite(a), axis=1)

@@ -59,6 +59,15 @@ def subprocess_env(cache_dir: str | None = None, devices: int | None = None) -> 
   return env
 
 
+def run_on_devices(script: str, *args: str, devices: int = 4, timeout: float = 300):
+  """Runs ``python -c script *args`` on ``devices`` forced CPU devices; the
+  JSON of its last line of output."""
+  out = subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, timeout=timeout,
+                       env=subprocess_env(devices=devices), capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def start_worker(spec: dict, env: dict) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
