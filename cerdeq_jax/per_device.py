@@ -1,13 +1,14 @@
 """Per-sample work run per device: each device on its own slice of the batch.
 
 Used where a loop iterates over a batch whose samples are independent (the
-DEQ solves, the taps of a kernel gradient). Traced under a device mesh with
-automatic axes (``jax.set_mesh``, ``jax.sharding.use_abstract_mesh``: the
-train and eval steps do this), the loop then runs inside ``jax.shard_map`` and
-holds no collective: over all axes of an automatic mesh, over the axes the
-batch is sharded on for explicit axes. Otherwise (no mesh, one device, a batch
-the automatic mesh does not divide or that explicit axes replicate, manual axes,
-where the caller has laid out the batch itself) the function runs as is.
+DEQ solves, the taps of a kernel gradient). Traced under a device mesh
+(``jax.set_mesh``, ``jax.sharding.use_abstract_mesh``: the train and eval steps
+do this; in a jit without one, the mesh of the batch's sharding), the loop then
+runs inside ``jax.shard_map`` and holds no collective: over all axes of an
+automatic mesh, over the axes the batch is sharded on for explicit axes.
+Otherwise (no mesh, one device, a batch the automatic mesh does not divide or
+that explicit axes replicate, manual axes, where the caller has laid out the
+batch itself) the function runs as is.
 
 Why no collective may sit in a loop: XLA:CPU runs a ``while`` loop
 asynchronously and orders collectives only by when they start, so an
@@ -33,14 +34,16 @@ def _split(in_axes: tuple, args: tuple):
   Automatic axes: the batch splits over all of them (if they divide it).
   Explicit axes: over those the batch is sharded on, read off its type, and
   shard_map infers every argument's spec (a replicated batch runs as is)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
-    return None
   batched = jax.tree_util.tree_leaves(
       [jax.tree_util.tree_map(lambda axis, sub: None if axis is None else sub, axes, arg,
                               is_leaf=lambda axis: axis is None)
        for axes, arg in zip(in_axes, args)])
   if not batched:
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:  # a jit without a mesh in context: the batch's type may carry one
+    mesh = getattr(jax.typeof(batched[0]).sharding, 'mesh', mesh)
+  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
     return None
   if AxisType.Explicit in mesh.axis_types:
     spec = jax.typeof(batched[0]).sharding.spec

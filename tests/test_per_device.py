@@ -6,14 +6,19 @@ import pytest
 
 from tests import helpers_training as h
 
-# Each layout: mesh shape, axis names, axis type, the batch's partition spec.
-LAYOUTS = [((4,), ('d',), 'Auto', ('d',)),
-           ((4,), ('d',), 'Explicit', ('d',)),
-           ((2, 2), ('d', 'm'), 'Explicit', ('d',)),           # batch on one axis of two
-           ((2, 2), ('d', 'm'), 'Explicit', (('d', 'm'),))]
+# Each layout: mesh shape, axis names, axis type, the batch's partition spec,
+# whether the jit runs with the mesh in context (``jax.set_mesh``).
+LAYOUTS = [((4,), ('d',), 'Auto', ('d',), True),
+           ((4,), ('d',), 'Explicit', ('d',), True),
+           ((2, 2), ('d', 'm'), 'Explicit', ('d',), True),     # batch on one axis of two
+           ((2, 2), ('d', 'm'), 'Explicit', (('d', 'm'),), True),
+           ((4,), ('d',), 'Auto', ('d',), False),              # a user's jit, no mesh set
+           ((4,), ('d',), 'Explicit', ('d',), False)]
+IDS = ['auto', 'explicit', 'explicit-2d-one-axis', 'explicit-2d-both', 'auto-no-context',
+       'explicit-no-context']
 
 SCRIPT = r'''
-import json, sys
+import contextlib, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from cerdeq_jax import interval, layers
@@ -25,12 +30,12 @@ variables = deq.init(jax.random.PRNGKey(0), x)
 both = jax.jit(lambda v, x: (deq.apply(v, x), deq.apply(v, interval.Interval(x - .02, x + .02))))
 lone = [np.asarray(a) for a in jax.tree_util.tree_leaves(both(variables, x))]
 out = []
-for shape, names, kind, spec in json.loads(sys.argv[1]):
+for shape, names, kind, spec, in_context in json.loads(sys.argv[1]):
   mesh = jax.make_mesh(tuple(shape), tuple(names),
                        axis_types=(getattr(AxisType, kind),) * len(shape))
   spec = P(*[tuple(s) if isinstance(s, list) else s for s in spec])
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
       xs = jax.device_put(x, NamedSharding(mesh, spec))
       y = both(variables, xs)
       loops, found = collectives_in_loops(both.lower(variables, xs).compile().as_text())
@@ -49,13 +54,13 @@ def sharded_runs():
   return h.run_on_devices(SCRIPT, json.dumps(LAYOUTS))
 
 
-@pytest.mark.parametrize('index', range(len(LAYOUTS)),
-                         ids=['auto', 'explicit', 'explicit-2d-one-axis', 'explicit-2d-both'])
+@pytest.mark.parametrize('index', range(len(LAYOUTS)), ids=IDS)
 def test_deq_under_a_mesh_equals_one_device(sharded_runs, index):
   """The nominal and interval DEQ solves of a batch sharded over a mesh
-  (automatic or explicit axes, the batch on some or all of them) give the
-  one-device results, keep the batch's layout, and no solver loop of the
-  compiled program holds a collective."""
+  (automatic or explicit axes, the batch on some or all of them, the mesh in
+  context or only in the batch's sharding) give the one-device results, keep
+  the batch's layout, and no solver loop of the compiled program holds a
+  collective."""
   run = sharded_runs[index]
   assert 'exception' not in run, run.get('exception')
   assert run['error'] < 1e-5
