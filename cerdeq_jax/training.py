@@ -287,6 +287,11 @@ class Steps:
       self._train[kind] = jax.jit(self._on_mesh(fn), donate_argnums=0, **self._train_shardings)
     return self._train[kind]
 
+  def compiled_eval(self):
+    """The jitted eval step, ``(state, global batch, key, eps) -> sums``
+    (`eval_step`), e.g. to lower and inspect it."""
+    return self._eval
+
   def train(self, state: TrainState, local_batch: dict, step: int):
     """``step`` is the host's copy of ``state.step`` (no device sync needed)."""
     return self.compiled_train(self.cfg.step_kind(step))(

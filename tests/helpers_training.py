@@ -387,7 +387,7 @@ def _loop_collectives(steps, state, batch, mesh, kinds) -> dict:
   from cerdeq_jax import training
   batch = training.global_batch(mesh, batch)
   texts = [steps.compiled_train(k).lower(state, batch).compile().as_text() for k in kinds]
-  texts.append(steps._eval.lower(state, batch, jax.random.PRNGKey(0),
+  texts.append(steps.compiled_eval().lower(state, batch, jax.random.PRNGKey(0),
                                  jnp.float32(0.1)).compile().as_text())
   loops, found = zip(*map(collectives_in_loops, texts))
   x = jax.device_put(jnp.ones(mesh.size * 2), NamedSharding(mesh, P(training.DATA_AXIS)))
