@@ -144,44 +144,24 @@ def with_model_defaults(config: Config, model_defaults: dict | None,
   return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k not in explicit})
 
 
+def _numbers(name: str, kind: type) -> tuple:
+  """The list flag ``name`` as a tuple of ``kind``; a one-line error otherwise."""
+  try:
+    return tuple(kind(item) for item in FLAGS[name].value)
+  except ValueError:
+    raise ValueError(f'--{name}={",".join(FLAGS[name].value)} must be '
+                     f'{"integers" if kind is int else "numbers"}') from None
+
+
 def config_from_flags(defaults: Config, model_defaults: dict | None = None) -> Config:
-  try:
-    milestones = tuple(float(m) for m in FLAGS.milestones)
-  except ValueError:
-    raise ValueError(f'--milestones={",".join(FLAGS.milestones)} must be numbers') from None
-  try:
-    p_epochs = tuple(float(e) for e in FLAGS.p_epochs)
-  except ValueError:
-    raise ValueError(f'--p_epochs={",".join(FLAGS.p_epochs)} must be numbers') from None
-  try:
-    tail_strides = tuple(int(s) for s in FLAGS.tail_strides) if FLAGS.tail_strides else None
-  except ValueError:
-    raise ValueError(f'--tail_strides={",".join(FLAGS.tail_strides)} must be integers') from None
-  config = dataclasses.replace(
-      defaults, eps=parse_eps(FLAGS.eps), model=FLAGS.model, epochs=FLAGS.epochs,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, resume=FLAGS.resume,
-      eval_only=FLAGS.eval_only, train_examples=FLAGS.train_examples,
-      test_examples=FLAGS.test_examples,
-      validation_examples=FLAGS.validation_examples,
-      eval_examples_per_epoch=FLAGS.eval_examples_per_epoch,
-      width=FLAGS.width, depth=FLAGS.depth, dense=FLAGS.dense, batch_norm=FLAGS.batch_norm,
-      lr=FLAGS.lr,
-      milestones=milestones, eps_start_epochs=FLAGS.eps_start_epochs,
-      eps_length_epochs=FLAGS.eps_length_epochs, loss=FLAGS.loss, method=FLAGS.method,
-      reg_lambda=FLAGS.reg_lambda, verifier=FLAGS.verifier,
-      crown_max_neurons=FLAGS.crown_max_neurons, weight_decay=FLAGS.weight_decay,
-      linf_eps_train=FLAGS.linf_eps_train, p_start=FLAGS.p_start, p_end=FLAGS.p_end,
-      p_epochs=p_epochs, linf_loss=FLAGS.linf_loss, hinge_mix=FLAGS.hinge_mix,
-      linf_kappa=FLAGS.linf_kappa,
-      augment_pad=FLAGS.augment_pad, flip=FLAGS.flip,
-      deq_scale=FLAGS.deq_scale, deq_stride=FLAGS.deq_stride, tail_strides=tail_strides,
-      deq_param_mode=FLAGS.deq_param_mode, deq_bound=FLAGS.deq_bound,
-      solver=FLAGS.solver, anderson_memory=FLAGS.anderson_memory, tol=FLAGS.tol,
-      max_iter=FLAGS.max_iter, eval_tol=FLAGS.eval_tol,
-      eval_max_iter=FLAGS.eval_max_iter,
-      pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts, data_dir=FLAGS.data_dir,
-      checkpoint_every_steps=FLAGS.checkpoint_every_steps, progress=FLAGS.progress,
-      stop_after_steps=FLAGS.stop_after_steps, train_precision=FLAGS.train_precision)
+  """``defaults`` with every flag that names a `Config` field (the flags of
+  `define_flags`), then the model-specific defaults for the fields no flag set."""
+  fields = {f.name for f in dataclasses.fields(Config)}
+  values = {name: FLAGS[name].value for name in fields if name in FLAGS}
+  values.update(eps=parse_eps(FLAGS.eps), milestones=_numbers('milestones', float),
+                p_epochs=_numbers('p_epochs', float),
+                tail_strides=_numbers('tail_strides', int) if FLAGS.tail_strides else None)
+  config = dataclasses.replace(defaults, **values)
   explicit = {name for name in FLAGS if FLAGS[name].present}
   return validate(with_model_defaults(config, model_defaults, explicit))
 

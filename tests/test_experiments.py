@@ -201,6 +201,8 @@ def _bad_flag_cases(tmp, data_dir):
       'anderson_memory': (['--anderson_memory=0'] + ok, 'anderson_memory'),
       'deq_param_mode': (['--deq_param_mode=both'] + ok, 'deq_param_mode'),
       'deq_bound': (['--deq_bound=frobenius'] + ok, 'deq_bound'),
+      'milestones': (['--milestones=1,soon'] + ok, '--milestones=1,soon must be numbers'),
+      'tail_strides': (['--tail_strides=2,1.5'] + ok, '--tail_strides=2,1.5 must be integers'),
       'workdir_unwritable': ([f'--data_dir={data_dir}', f'--workdir={blocker}/sub'],
                              'cannot be written'),
       'data_dir_missing': ([f'--data_dir={tmp}/no_such_dir', f'--workdir={work}'], 'no_such_dir'),
@@ -211,7 +213,8 @@ def _bad_flag_cases(tmp, data_dir):
 
 
 BAD_FLAG_CASES = ('eps_text', 'eps_negative', 'eps_too_big', 'eps_zero_division', 'eps_nan',
-                  'model', 'batch_size', 'anderson_memory', 'deq_param_mode', 'deq_bound', 'workdir_unwritable',
+                  'model', 'batch_size', 'anderson_memory', 'deq_param_mode', 'deq_bound',
+                  'milestones', 'tail_strides', 'workdir_unwritable',
                   'data_dir_missing', 'extra_argument')
 
 
