@@ -309,7 +309,8 @@ def main(argv):
   import jax
   measured = {'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
                          f'{jax.device_count()} device(s), jax {jax.__version__}',
-              'command': f'python -m experiments.benchmark --suite={FLAGS.suite}',
+              'command': 'python -m experiments.benchmark ' + ' '.join(
+                  f'--{name}={FLAGS[name].value}' for name in ('suite', 'repeats', 'batch_size')),
               'date': time.strftime('%Y-%m-%d %H:%M'),
               'load_average_1min_at_start': os.getloadavg()[0]}
   results = {}
