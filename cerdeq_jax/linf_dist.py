@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cerdeq_jax import per_device
 from cerdeq_jax.interval import Interval
 from cerdeq_jax.layers import BATCH_MOMENTS
 
@@ -201,11 +202,13 @@ class LinfDist(nn.Module):
     if box:
       if not is_infinite(p):
         raise ValueError('LinfDist bounds an Interval at p = ∞ only (certify at p = ∞).')
-      y = linf_dist_bounds(x, w, self.chunk_elements)
+      y = per_device.automatic_axes(
+          lambda x, w: linf_dist_bounds(x, w, self.chunk_elements), x, w)
     elif is_infinite(p):
-      y = linf_dist(x, w, self.chunk_elements)
+      y = per_device.automatic_axes(lambda x, w: linf_dist(x, w, self.chunk_elements), x, w)
     else:
-      y = lp_dist(x, w, jnp.asarray(p, x.dtype), self.chunk_elements)
+      y = per_device.automatic_axes(
+          lambda x, w, p: lp_dist(x, w, p, self.chunk_elements), x, w, jnp.asarray(p, x.dtype))
     if self.mean_normalize:
       running = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,))
       if not train:

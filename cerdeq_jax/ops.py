@@ -10,12 +10,11 @@ a certificate or a convergence pass ``precision.CERTIFY``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cerdeq_jax import per_device, precision as policy
 
@@ -25,22 +24,9 @@ _CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
 Padding = str | Sequence[tuple[int, int]]
 
 
-def _automatic_axes(product: Callable, x, kernel):
-  """``product(x, kernel)``; on an ``x`` sharded over explicit mesh axes, with
-  those axes automatic and the output sharded on the batch as ``x`` is. jax
-  0.10 has no explicit-sharding rule for a kernel gradient, which sums over the
-  sharded batch (a stock ``flax.linen.Conv`` or, without a mesh in context,
-  ``Dense`` fails there)."""
-  sharding = jax.typeof(x).sharding
-  if all(axis is None for axis in sharding.spec):
-    return product(x, kernel)
-  out = NamedSharding(sharding.mesh, P(sharding.spec[0]))
-  return jax.sharding.auto_axes(product, out_sharding=out)(x, kernel)
-
-
 def dense(x, kernel, precision=None):
   """``x @ kernel``; x ``(..., D_in)``, kernel ``(D_in, D_out)``."""
-  return _automatic_axes(
+  return per_device.automatic_axes(
       lambda x, kernel: jnp.matmul(x, kernel, precision=policy.resolve(precision)), x, kernel)
 
 
@@ -53,7 +39,7 @@ def conv(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
         dimension_numbers=_CONV_DIMS, feature_group_count=feature_group_count,
         precision=policy.resolve(precision))
 
-  return _automatic_axes(plain, x, kernel)
+  return per_device.automatic_axes(plain, x, kernel)
 
 
 def _same_pads(kernel) -> tuple[tuple[int, int], tuple[int, int]]:

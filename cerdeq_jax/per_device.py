@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 PyTree = Any
 
@@ -87,3 +87,17 @@ def sum_batch(fn: Callable, in_axes: tuple, *args):
   slice, and the devices' sums are added after ``fn`` (one all-reduce, outside
   any loop of ``fn``). The result is replicated."""
   return _run(fn, in_axes, args, summed=True)
+
+
+def automatic_axes(fn: Callable, x, *args):
+  """``fn(x, *args)``; when ``x`` (an array or a tree of arrays with a leading
+  batch axis) is sharded over explicit mesh axes, with those axes automatic
+  and every output sharded on its batch axis as ``x`` is. For products whose
+  gradient sums over the batch: jax 0.10 has no explicit-sharding rule for a
+  convolution's kernel gradient, a dense one's without a mesh in context, or
+  a gather's scatter (a stock ``flax.linen.Conv`` fails there)."""
+  sharding = jax.typeof(jax.tree_util.tree_leaves(x)[0]).sharding
+  if all(axis is None for axis in sharding.spec):
+    return fn(x, *args)
+  out = NamedSharding(sharding.mesh, P(sharding.spec[0]))
+  return jax.sharding.auto_axes(fn, out_sharding=out)(x, *args)

@@ -333,39 +333,46 @@ def test_reparam_training_decreases_the_certified_loss(method, bound):
 
 
 EXPLICIT_MESH_SCRIPT = r'''
-import json
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from cerdeq_jax import losses, models, training
 from cerdeq_jax.interval import linf_ball
-model = models.create('cerdeq', 10, image_size=16, width=8, dense=16)
 x = jnp.asarray(np.random.RandomState(0).rand(8, 16, 16, 3), jnp.float32)
 labels = jnp.arange(8) % 10
-variables = model.init(jax.random.PRNGKey(0), x)
-
-def loss(params, x):
-  (logits, margins), _ = training.clean_and_bounds(
-      model, {**variables, 'params': params}, x, linf_ball(x, 0.02, (0.,), (1.,)), labels,
-      train=True, mutable=['batch_stats', 'deq_stats'])
-  return losses.natural_cross_entropy(logits, labels) + losses.robust_cross_entropy(margins)
-
-step = jax.jit(jax.value_and_grad(loss))
-lone = jax.tree_util.tree_leaves(step(variables['params'], x))
 mesh = jax.make_mesh((4,), ('d',))  # jax's default axis type: explicit
-with jax.set_mesh(mesh):
-  sharded = jax.tree_util.tree_leaves(
-      step(variables['params'], jax.device_put(x, NamedSharding(mesh, P('d')))))
-print(json.dumps(dict(axis_types=str(mesh.axis_types), scale=max(float(jnp.max(jnp.abs(b))) for b in lone),
-                      error=max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(sharded, lone)))))
+out = {'axis_types': str(mesh.axis_types)}
+for name in sys.argv[1:]:
+  model = models.create(name, 10, image_size=16, width=32 if name in models.LINF_MODELS else 8,
+                        depth=3 if name in models.LINF_MODELS else None, dense=16)
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def loss(params, x):
+    (logits, margins), _ = training.clean_and_bounds(
+        model, {**variables, 'params': params}, x, linf_ball(x, 0.02, (0.,), (1.,)), labels,
+        train=True, mutable=['batch_stats', 'deq_stats'])
+    return losses.natural_cross_entropy(logits, labels) + losses.robust_cross_entropy(margins)
+
+  step = jax.jit(jax.value_and_grad(loss))
+  lone = jax.tree_util.tree_leaves(step(variables['params'], x))
+  with jax.set_mesh(mesh):
+    sharded = jax.tree_util.tree_leaves(
+        step(variables['params'], jax.device_put(x, NamedSharding(mesh, P('d')))))
+  out[name] = dict(scale=max(float(jnp.max(jnp.abs(b))) for b in lone),
+                   error=max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(sharded, lone)))
+print(json.dumps(out))
 '''
 
 
 def test_certified_loss_and_gradients_under_an_explicit_mesh():
-  """A CerDEQ's certified-training loss (clean and interval passes, BatchNorm
-  on the batch, DEQ solves and their implicit gradients) on a batch sharded
+  """A model's certified-training loss (clean and interval passes, BatchNorm
+  or mean normalisation on the batch; for CerDEQ the DEQ solves and their
+  implicit gradients, for the ℓ∞-dist Net its custom VJPs) on a batch sharded
   over a ``jax.make_mesh`` mesh (explicit axes) under ``jax.set_mesh``, in a
   user's own jit: the one-device loss and gradients."""
   from tests import helpers_training
-  out = helpers_training.run_on_devices(EXPLICIT_MESH_SCRIPT, devices=4)
+  names = ('cerdeq', 'cnn7', 'linf_dist')
+  out = helpers_training.run_on_devices(EXPLICIT_MESH_SCRIPT, *names, devices=4)
   assert 'Explicit' in out['axis_types']
-  assert out['error'] <= 1e-5 * out['scale'], out
+  for name in names:
+    assert out[name]['error'] <= 1e-5 * out[name]['scale'], (name, out[name])
