@@ -236,21 +236,31 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(devices, (DATA_AXIS,))
 
 
+def _automatic(mesh: Mesh) -> Mesh:
+  """``mesh`` with automatic axes, what the steps are written for (one from
+  ``jax.make_mesh`` has explicit ones); the batch goes on ``'data'``."""
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"The mesh needs a '{DATA_AXIS}' axis for the batch; it has "
+                     f'{mesh.axis_names} (training.make_mesh() makes one).')
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
   """Assembles each process's slice of a batch into global sharded arrays."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  sharding = NamedSharding(_automatic(mesh), P(DATA_AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
 
 
 def replicate(mesh: Mesh, tree):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return jax.device_put(tree, NamedSharding(_automatic(mesh), P()))
 
 
 class Steps:
-  """The jit-compiled train and eval steps of a model on a mesh; ``eval_model``
-  (default ``model``: the same parameters, e.g. with tighter DEQ solves)
-  evaluates."""
+  """The jit-compiled train and eval steps of a model on a mesh (any mesh with
+  a ``'data'`` axis, its axes made automatic); ``eval_model`` (default
+  ``model``: the same parameters, e.g. with tighter DEQ solves) evaluates."""
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, cfg: CertifiedTraining,
                mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1,
@@ -258,6 +268,7 @@ class Steps:
                eval_model: nn.Module | None = None):
     if verifier is not None and verifier not in VERIFIERS:
       raise ValueError(f'verifier must be None or one of {VERIFIERS}, got {verifier!r}.')
+    mesh = _automatic(mesh)
     self.cfg, self.mesh = cfg, mesh
     self._model, self._tx = model, tx
     data = NamedSharding(mesh, P(DATA_AXIS))

@@ -179,6 +179,39 @@ class _DenseBN:
     return ce(logits, labels), robust, tight + balance
 
 
+def test_steps_take_a_mesh_from_jax_make_mesh():
+  """`Steps` on a ``jax.make_mesh`` mesh (explicit axes, jax's default) trains
+  and evaluates as on `training.make_mesh` (automatic axes): the elided
+  classifier's label gather has no explicit-sharding rule, so the steps make
+  the axes automatic. A mesh without a 'data' axis is a one-line error."""
+  import jax
+  import optax
+  from cerdeq_jax import training
+  net = _DenseBN.module()
+  cfg = training.CertifiedTraining(eps=0.1, mean=_DenseBN.MEAN, std=_DenseBN.STD,
+                                   steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1)
+  rng = np.random.default_rng(0)
+  x = ((rng.uniform(0.0, 1.0, (8, 2, 2, 1)) - 0.2) / 0.3).astype(np.float32)
+  batch = {'image': x, 'label': rng.integers(0, 3, 8).astype(np.int32),
+           'mask': np.ones(8, bool)}
+  tx = optax.adam(1e-2)
+  results = []
+  for mesh in (training.make_mesh(), jax.make_mesh((jax.device_count(),), ('data',))):
+    steps = training.Steps(net, tx, cfg, mesh)
+    state = training.replicate(mesh, training.init_state(net, tx, jax.random.PRNGKey(1), x[:1]))
+    state, metrics = steps.train(state, batch, 1)
+    sums = steps.evaluate(state, batch, jax.random.PRNGKey(2), 0.1)
+    results.append((jax.device_get(state.params), float(metrics['loss']),
+                    {k: float(v) for k, v in sums.items()}))
+  assert 'Explicit' in str(jax.make_mesh((1,), ('data',)).axis_types)
+  (auto_params, auto_loss, auto_sums), (params, loss, sums) = results
+  assert loss == pytest.approx(auto_loss, rel=1e-6) and sums == pytest.approx(auto_sums)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         params, auto_params)
+  with pytest.raises(ValueError, match="'data' axis"):
+    training.Steps(net, tx, cfg, jax.make_mesh((1,), ('batch',)))
+
+
 @pytest.mark.parametrize('loss', ['fast_ibp', 'mixed'])
 def test_train_step_loss_of_each_step_kind(loss):
   """The loss each compiled step minimises, against `_DenseBN.losses`:
