@@ -1,7 +1,7 @@
 """The certified CerDEQ step's weight (not a test): peak resident memory and
 time against the natural step, and Anderson against Picard on a trained layer.
 
-    python -m experiments.bench_deq [--batch_size=128] [--trained=runs/.../cerdeq]
+    python -m experiments.bench_deq [--batch_size=128] [--rounds=5] [--trained=runs/.../cerdeq]
 
 Each step kind runs in its own fresh process (``--child``), so that its peak
 resident set (the kernel's ``VmHWM``: the import, the compilation and the
@@ -20,6 +20,8 @@ from absl import app, flags
 flags.DEFINE_string('child', None, "Internal: run one step kind ('natural' | 'certified').")
 flags.DEFINE_integer('batch_size', 128, 'Batch of the CIFAR-10-shaped train steps.')
 flags.DEFINE_integer('steps', 3, 'Timed steps after the first (compiling) one; median.')
+flags.DEFINE_integer('rounds', 1, 'Rounds of (natural, certified) processes, alternating; the '
+                     'ratio is the median over rounds, each ratio within one round.')
 flags.DEFINE_string('trained', None, 'Workdir of a trained CerDEQ run, for the iteration '
                     'counts of its bound solve.')
 FLAGS = flags.FLAGS
@@ -57,16 +59,28 @@ def run_kind(kind: str, batch_size: int, steps: int) -> dict:
           'deq_iterations': float(np.mean(iterations[1:]))}
 
 
-def step_weight(batch_size: int = 128, steps: int = 3) -> dict:
-  """Natural and certified CerDEQ steps, each in a fresh process, and their ratios."""
-  res = {'shape': f'CIFAR-10 CerDEQ, batch {batch_size}, each kind in its own process'}
-  for kind in KINDS:
-    out = subprocess.run([sys.executable, '-m', 'experiments.bench_deq', f'--child={kind}',
-                          f'--batch_size={batch_size}', f'--steps={steps}'],
-                         check=True, capture_output=True, text=True).stdout
-    res[kind] = json.loads(out.strip().splitlines()[-1])
-  res['certified_over_natural_time'] = (res['certified']['seconds_per_step']
-                                        / res['natural']['seconds_per_step'])
+def step_weight(batch_size: int = 128, steps: int = 3, rounds: int = 1) -> dict:
+  """Natural and certified CerDEQ steps, each in a fresh process, ``rounds``
+  times alternating (so that a slow spell of the machine hits both kinds), and
+  their ratios: per round, and the median over rounds. Each kind's figures are
+  those of the median round."""
+  res = {'shape': f'CIFAR-10 CerDEQ, batch {batch_size}, each kind in its own process',
+         'rounds': rounds}
+  runs = {kind: [] for kind in KINDS}
+  for _ in range(rounds):
+    for kind in KINDS:
+      out = subprocess.run([sys.executable, '-m', 'experiments.bench_deq', f'--child={kind}',
+                            f'--batch_size={batch_size}', f'--steps={steps}'],
+                           check=True, capture_output=True, text=True).stdout
+      runs[kind].append(json.loads(out.strip().splitlines()[-1]))
+  ratios = [c['seconds_per_step'] / n['seconds_per_step']
+            for n, c in zip(runs['natural'], runs['certified'])]
+  middle = sorted(range(rounds), key=ratios.__getitem__)[rounds // 2]
+  res.update({kind: runs[kind][middle] for kind in KINDS})
+  res['certified_over_natural_time'] = ratios[middle]
+  if rounds > 1:
+    res['ratio_per_round'] = ratios
+    res['peak_rss_mb_per_round'] = [c['peak_rss_mb'] for c in runs['certified']]
   return res
 
 
@@ -114,7 +128,7 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(run_kind(FLAGS.child, FLAGS.batch_size, FLAGS.steps)))
     return
-  res = {'step': step_weight(FLAGS.batch_size, FLAGS.steps)}
+  res = {'step': step_weight(FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)}
   if FLAGS.trained:
     res['trained_layer'] = trained_layer_iterations(FLAGS.trained)
   print(json.dumps(res, indent=1))

@@ -275,14 +275,15 @@ def crown_tightness(seeds: int = 5, batch: int = 32) -> dict:
   return res
 
 
-def deq_step_weight(batch_size: int) -> dict:
+def deq_step_weight(batch_size: int, rounds: int) -> dict:
   """`experiments.bench_deq`: the certified CerDEQ step's peak memory and time
-  against the natural step (each in a fresh process, which it starts itself)."""
+  against the natural step (each in a fresh process, which it starts itself),
+  ``rounds`` alternating rounds."""
   import subprocess
   import sys
   out = subprocess.run([sys.executable, '-m', 'experiments.bench_deq',
-                        f'--batch_size={batch_size}'], check=True, capture_output=True,
-                       text=True).stdout
+                        f'--batch_size={batch_size}', f'--rounds={rounds}'], check=True,
+                       capture_output=True, text=True).stdout
   return json.loads(out[out.index('{'):])['step']
 
 
@@ -326,7 +327,7 @@ def main(argv):
   if FLAGS.suite in ('crown', 'all'):
     results['crown'] = crown_tightness()
   if FLAGS.suite in ('deq', 'all'):
-    results['deq'] = deq_step_weight(FLAGS.batch_size)
+    results['deq'] = deq_step_weight(FLAGS.batch_size, FLAGS.repeats)
   print(json.dumps({'measured': measured, **results}, indent=1))
   if FLAGS.out:
     old = {}
