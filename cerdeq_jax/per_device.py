@@ -43,14 +43,14 @@ def _split(in_axes: tuple, args: tuple):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # a jit without a mesh in context: the batch's type may carry one
     mesh = getattr(jax.typeof(batched[0]).sharding, 'mesh', mesh)
-  if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
+  if mesh.empty or AxisType.Manual in mesh.axis_types:
     return None
-  if AxisType.Explicit in mesh.axis_types:
+  if AxisType.Explicit in mesh.axis_types:  # even on one device: the types say 'sharded'
     spec = jax.typeof(batched[0]).sharding.spec
     axes = spec[0] if spec else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     return (mesh, axes, {}) if axes else None
-  if batched[0].shape[0] % mesh.size:
+  if mesh.size == 1 or batched[0].shape[0] % mesh.size:
     return None
   axes = tuple(mesh.axis_names)
   return mesh, axes, {'in_specs': _specs(in_axes, P(axes))}

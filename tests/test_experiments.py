@@ -571,3 +571,28 @@ def test_stop_on_an_epochs_last_step_keeps_that_epochs_record(tmp_path, data_dir
   assert 'test_certified_error' in read_metrics(work)[0]
   must_succeed(finish(start(base + ['--resume'], env)))
   assert [r['epoch'] for r in read_metrics(work)] == [0, 1]
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_readme_library_example_runs_as_typed(devices):
+  """The README's Python example (one batch, then sharded over all devices in
+  the user's own jit), as typed: it runs, and its sharded gradient is the
+  unsharded one."""
+  import re
+  from tests import helpers_training
+  readme = open(os.path.join(h.REPO, 'README.md'), encoding='utf-8').read()
+  example = re.search(r'```python\n(.*?)```', readme, re.S).group(1)
+  check = example + '''
+import json
+lone = jax.grad(lambda params: cj.losses.robust_cross_entropy(net.apply(
+    {**variables, 'params': params}, cj.linf_ball(x, 0.1, (0.286,), (0.353,)), labels=y)))(
+        variables['params'])
+error = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+            zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(lone)))
+scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree_util.tree_leaves(lone))
+print(json.dumps(dict(devices=jax.device_count(), error=error, scale=scale,
+                      certified=int(certified.sum()))))
+'''
+  out = helpers_training.run_on_devices(check, devices=devices)
+  assert out['devices'] == devices and 0 <= out['certified'] <= 8
+  assert out['error'] <= 1e-5 * out['scale'], out
