@@ -199,16 +199,16 @@ class LinfDist(nn.Module):
     box = isinstance(x, Interval)
     d_in = (x.lower if box else x).shape[-1]
     w = self.param(DIST_WEIGHT, dist_init(self.identity_init), (self.features, d_in))
-    if box:
-      if not is_infinite(p):
-        raise ValueError('LinfDist bounds an Interval at p = ∞ only (certify at p = ∞).')
-      y = per_device.automatic_axes(
-          lambda x, w: linf_dist_bounds(x, w, self.chunk_elements), x, w)
-    elif is_infinite(p):
-      y = per_device.automatic_axes(lambda x, w: linf_dist(x, w, self.chunk_elements), x, w)
-    else:
-      y = per_device.automatic_axes(
-          lambda x, w, p: lp_dist(x, w, p, self.chunk_elements), x, w, jnp.asarray(p, x.dtype))
+    if box and not is_infinite(p):
+      raise ValueError('LinfDist bounds an Interval at p = ∞ only (certify at p = ∞).')
+
+    def distances(x, w):
+      if box:
+        return linf_dist_bounds(x, w, self.chunk_elements)
+      if is_infinite(p):
+        return linf_dist(x, w, self.chunk_elements)
+      return lp_dist(x, w, jnp.asarray(p, x.dtype), self.chunk_elements)
+    y = per_device.automatic_axes(distances, x, w)
     if self.mean_normalize:
       running = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,))
       if not train:

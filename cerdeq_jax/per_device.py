@@ -27,6 +27,14 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 PyTree = Any
 
 
+def _batch_axes(leaf) -> tuple:
+  """The explicit mesh axes ``leaf``'s type shards its leading (batch) axis
+  over; () where it is not sharded there."""
+  spec = jax.typeof(leaf).sharding.spec
+  axes = spec[0] if spec else None
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _split(in_axes: tuple, args: tuple):
   """``(mesh, batch axes, shard_map's in_specs argument)`` to run per device,
   or None to run as is.
@@ -42,13 +50,11 @@ def _split(in_axes: tuple, args: tuple):
     return None
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # a jit without a mesh in context: the batch's type may carry one
-    mesh = getattr(jax.typeof(batched[0]).sharding, 'mesh', mesh)
+    mesh = jax.typeof(batched[0]).sharding.mesh
   if mesh.empty or AxisType.Manual in mesh.axis_types:
     return None
   if AxisType.Explicit in mesh.axis_types:  # even on one device: the types say 'sharded'
-    spec = jax.typeof(batched[0]).sharding.spec
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = _batch_axes(batched[0])
     return (mesh, axes, {}) if axes else None
   if mesh.size == 1 or batched[0].shape[0] % mesh.size:
     return None
@@ -96,8 +102,8 @@ def automatic_axes(fn: Callable, x, *args):
   gradient sums over the batch: jax 0.10 has no explicit-sharding rule for a
   convolution's kernel gradient, a dense one's without a mesh in context, or
   a gather's scatter (a stock ``flax.linen.Conv`` fails there)."""
-  sharding = jax.typeof(jax.tree_util.tree_leaves(x)[0]).sharding
-  if all(axis is None for axis in sharding.spec):
+  leaf = jax.tree_util.tree_leaves(x)[0]
+  if all(axis is None for axis in jax.typeof(leaf).sharding.spec):
     return fn(x, *args)
-  out = NamedSharding(sharding.mesh, P(sharding.spec[0]))
+  out = NamedSharding(jax.typeof(leaf).sharding.mesh, P(_batch_axes(leaf) or None))
   return jax.sharding.auto_axes(fn, out_sharding=out)(x, *args)
