@@ -91,15 +91,28 @@ def _same_conv_kernel_grad(x, g, kernel, precision):
 
   def summed_taps(x, g):
     padded = jnp.pad(x, ((0, 0),) + _same_pads(kernel) + ((0, 0),))
+    # g^T (O, N*H*W), made once: each tap is then one (O, K) @ (K, I) product
+    # of a plain slice copy. With the shifted input on the left, XLA:CPU made
+    # a *transposed* copy of it at every tap (twice the time of this form).
+    g_rows = g.reshape(-1, g.shape[-1]).T
+    rows = lambda shifted: shifted.reshape(-1, x.shape[-1])
+    if kh * kw * x.shape[-1] <= g.shape[-1]:
+      # A narrow input (an image's channels): all taps in one product, 5x
+      # faster than a scan of (O, K) @ (K, 3) products; the k*k copies
+      # together are no larger than g.
+      _, h, w, _ = x.shape
+      taps = [rows(padded[:, i:i + h, j:j + w]) for i in range(kh) for j in range(kw)]
+      grad = jnp.matmul(g_rows, jnp.concatenate(taps, axis=1), precision=precision)
+      return grad.reshape(g.shape[-1], kh * kw, -1).swapaxes(0, 1)   # (k*k, O, I)
 
     def tap(carry, index):
       shifted = lax.dynamic_slice(padded, (0, index // kw, index % kw, 0), x.shape)
-      return carry, jnp.einsum('nhwi,nhwo->io', shifted, g, precision=precision)
+      return carry, jnp.matmul(g_rows, rows(shifted), precision=precision)
 
-    return lax.scan(tap, None, jnp.arange(kh * kw))[1]
+    return lax.scan(tap, None, jnp.arange(kh * kw))[1]   # (k*k, O, I)
 
   grad = per_device.sum_batch(summed_taps, (0, 0), x, g)
-  return grad.reshape(kernel.shape).astype(kernel.dtype)
+  return grad.swapaxes(1, 2).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _same_conv_bwd(precision, res, g):

@@ -18,10 +18,16 @@ ATOL = 1e-5
 KERNELS = [(1, 1), (2, 2), (3, 3), (4, 4), (2, 3), (4, 1)]
 
 
-def _data(rng, kh, kw, size=(5, 6)):
-  x = rng.normal(size=(2,) + size + (3,)).astype(np.float32)
-  kernel = rng.normal(size=(kh, kw, 3, 4)).astype(np.float32)
-  g = rng.normal(size=(2,) + size + (4,)).astype(np.float32)
+# (C_in, C_out): the kernel gradient's two forms, a scan over the taps and, for
+# an input narrower than k*k*C_in <= C_out, all taps in one product.
+CHANNELS = [(3, 4), (2, 40)]
+
+
+def _data(rng, kh, kw, size=(5, 6), channels=(3, 4)):
+  c_in, c_out = channels
+  x = rng.normal(size=(2,) + size + (c_in,)).astype(np.float32)
+  kernel = rng.normal(size=(kh, kw, c_in, c_out)).astype(np.float32)
+  g = rng.normal(size=(2,) + size + (c_out,)).astype(np.float32)
   return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g)
 
 
@@ -30,9 +36,10 @@ def _value_and_vjp(fn, x, kernel, g):
   return (y,) + vjp(g)
 
 
+@pytest.mark.parametrize('channels', CHANNELS)
 @pytest.mark.parametrize('kh, kw', KERNELS)
-def test_same_conv_value_and_gradients_match_xla(rng, kh, kw):
-  x, kernel, g = _data(rng, kh, kw)
+def test_same_conv_value_and_gradients_match_xla(rng, kh, kw, channels):
+  x, kernel, g = _data(rng, kh, kw, channels=channels)
   ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
   ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
   for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
@@ -40,10 +47,11 @@ def test_same_conv_value_and_gradients_match_xla(rng, kh, kw):
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize('channels', CHANNELS)
 @pytest.mark.parametrize('kh, kw', [(2, 2), (4, 4)])
-def test_same_conv_gradients_under_vmap_match_xla(rng, kh, kw):
-  """The DEQ solves run `same_conv` per sample under ``vmap``."""
-  x, kernel, g = _data(rng, kh, kw, size=(4, 4))
+def test_same_conv_gradients_under_vmap_match_xla(rng, kh, kw, channels):
+  """A user's per-sample cell runs `same_conv` under ``vmap``."""
+  x, kernel, g = _data(rng, kh, kw, size=(4, 4), channels=channels)
   per_sample = lambda conv: jax.vmap(
       lambda xi, gi: _value_and_vjp(lambda a, k: conv(a[None], k)[0], xi, kernel, gi))
   ours = jit(per_sample(ops.same_conv))(x, g)
@@ -52,8 +60,9 @@ def test_same_conv_gradients_under_vmap_match_xla(rng, kh, kw):
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
 
 
-def test_same_conv_kernel_larger_than_input(rng):
-  x, kernel, g = _data(rng, 4, 4, size=(2, 3))
+@pytest.mark.parametrize('channels', CHANNELS)
+def test_same_conv_kernel_larger_than_input(rng, channels):
+  x, kernel, g = _data(rng, 4, 4, size=(2, 3), channels=channels)
   ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
   ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
   for a, b in zip(ours, ref):
