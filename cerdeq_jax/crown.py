@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cerdeq_jax import graph as G
 from cerdeq_jax.interval import Interval
-from cerdeq_jax.layers import BATCH_MOMENTS
+from cerdeq_jax.layers import clean_pass_collections
 
 #: Elements of one coefficient tensor in a chunk of intermediate-bound rows
 #: (float32: 256 MiB).
@@ -225,7 +225,7 @@ def clean_and_bounds(model, variables, x, box: Interval, labels, train: bool, mu
     return Bounds(logits, g.margins, margins(g, labels, pre, lower_slope))
 
   return model.apply(variables, x, box, labels, method=run,
-                     mutable=list(mutable) + ([BATCH_MOMENTS] if train else []))
+                     mutable=list(mutable) + clean_pass_collections(train))
 
 
 def mixed_margins(bounds: Bounds, beta) -> jax.Array:

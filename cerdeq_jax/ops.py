@@ -22,6 +22,8 @@ HIGHEST = lax.Precision.HIGHEST
 _CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = str | Sequence[tuple[int, int]]
+#: Name scope of `same_conv`'s kernel-gradient products.
+KERNEL_TAPS = 'same_conv_kernel_taps'
 
 
 def dense(x, kernel, precision=None):
@@ -95,6 +97,11 @@ def _same_conv_kernel_grad(x, g, kernel, precision):
     # of a plain slice copy. With the shifted input on the left, XLA:CPU made
     # a *transposed* copy of it at every tap (twice the time of this form).
     g_rows = g.reshape(-1, g.shape[-1]).T
+
+    @jax.named_scope(KERNEL_TAPS)  # a name for the precision tests to find them by
+    def product(columns):
+      return jnp.matmul(g_rows, columns, precision=precision)
+
     rows = lambda shifted: shifted.reshape(-1, x.shape[-1])
     if kh * kw * x.shape[-1] <= g.shape[-1]:
       # A narrow input (an image's channels): all taps in one product, 5x
@@ -102,12 +109,11 @@ def _same_conv_kernel_grad(x, g, kernel, precision):
       # together are no larger than g.
       _, h, w, _ = x.shape
       taps = [rows(padded[:, i:i + h, j:j + w]) for i in range(kh) for j in range(kw)]
-      grad = jnp.matmul(g_rows, jnp.concatenate(taps, axis=1), precision=precision)
-      return grad.reshape(g.shape[-1], kh * kw, -1).swapaxes(0, 1)   # (k*k, O, I)
+      return product(jnp.concatenate(taps, axis=1)).reshape(g.shape[-1], kh * kw, -1).swapaxes(0, 1)   # (k*k, O, I)
 
     def tap(carry, index):
       shifted = lax.dynamic_slice(padded, (0, index // kw, index % kw, 0), x.shape)
-      return carry, jnp.matmul(g_rows, rows(shifted), precision=precision)
+      return carry, product(rows(shifted))
 
     return lax.scan(tap, None, jnp.arange(kh * kw))[1]   # (k*k, O, I)
 

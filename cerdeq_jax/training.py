@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cerdeq_jax import attacks, crown, ibp, losses, parametrize
 from cerdeq_jax import precision as policy
 from cerdeq_jax.interval import Interval, linf_ball
-from cerdeq_jax.layers import BATCH_MOMENTS, SPECTRAL
+from cerdeq_jax.layers import SPECTRAL, clean_pass_collections
 from cerdeq_jax.recipe import METHODS, VERIFIERS, CertifiedTraining, StepKind  # noqa: F401
 
 DATA_AXIS = 'data'
@@ -67,7 +67,7 @@ def clean_and_bounds(model: nn.Module, variables, x, box: Interval, labels, trai
   def both(module, x, box, labels):
     return module(x, train=train), module(box, train=train, labels=labels)
   return model.apply(variables, x, box, labels, method=both,
-                     mutable=list(mutable) + ([BATCH_MOMENTS] if train else []))
+                     mutable=list(mutable) + clean_pass_collections(train))
 
 
 def sown(collection, name: str | None = None, cls=None) -> list:

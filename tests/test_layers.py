@@ -437,6 +437,48 @@ def test_deq_fixed_point_stats_and_enclosure():
   assert np.max(out.upper - out.lower) > 1e-3
 
 
+def test_deq_interval_solve_starts_at_the_clean_fixed_point():
+  """With `layers.DEQ_START` mutable, an interval call after an array call in
+  the same ``apply`` starts at ``[z*, z*]``: at zero width that is the fixed
+  point (no iteration); at positive width the same bounds as from zeros, in
+  fewer iterations; a box of another batch shape starts from zeros."""
+  module = layers.DEQ(4, parametrization=parametrize.Parametrization('bjorck', 0.9),
+                      solver=solvers.Anderson(tol=1e-6, max_iter=200))
+  x = normal(7, (3, 6, 6, 3))
+  variables = {'params': module.init(key(4), x)['params']}
+  collections = ['deq_stats', layers.DEQ_START]
+
+  def interval_after_clean(clean, box):
+    both = lambda m, a, b: (m(a), m(b))
+    (z, bounds), cols = module.apply(variables, clean, box, method=both, mutable=collections)
+    return z, bounds, cols['deq_stats']['interval'][0].iterations
+
+  def interval_alone(box):
+    bounds, cols = module.apply(variables, box, mutable=['deq_stats'])
+    return bounds, cols['deq_stats']['interval'][0].iterations
+
+  z, point, iterations = jax.jit(interval_after_clean)(x, Interval(x, x))
+  assert np.all(np.asarray(iterations) == 0)
+  np.testing.assert_allclose(point.lower, z, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(point.upper, z, atol=1e-5, rtol=0)
+
+  box = Interval(x - 0.03, x + 0.03)
+  _, warm, warm_iterations = jax.jit(interval_after_clean)(x, box)
+  cold, cold_iterations = jax.jit(interval_alone)(box)
+  warm_iterations, cold_iterations = np.asarray(warm_iterations), np.asarray(cold_iterations)
+  assert np.all(warm_iterations <= cold_iterations)
+  assert np.sum(warm_iterations) < np.sum(cold_iterations)
+  np.testing.assert_allclose(warm.lower, cold.lower, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(warm.upper, cold.upper, atol=1e-5, rtol=0)
+  samples = uniform_in_box(np.random.default_rng(1), box, 8)
+  outputs = jax.jit(jax.vmap(lambda s: module.apply(variables, s)))(samples)
+  assert_encloses(warm, np.asarray(outputs), atol=2e-5)
+
+  # Another batch shape: the kept z* does not fit, the solve starts at zeros.
+  _, _, other = jax.jit(interval_after_clean)(x, Interval(x[:2] - 0.03, x[:2] + 0.03))
+  np.testing.assert_array_equal(other, np.asarray(cold_iterations)[:2])
+
+
 def test_deq_strict_gives_infinite_bounds_when_not_certifiable():
   # The shapes of the test above: eager operations compiled there are reused.
   x = normal(0, (2, 5, 5, 3))

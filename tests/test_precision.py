@@ -136,7 +136,7 @@ def test_deq_solve_and_its_gradient_are_all_highest(rng, box):
 # --- training passes: DEFAULT in the layers only -------------------------------------
 
 _LAYER = re.compile(r'/(Conv_\d+|Dense_\d+|injection|classifier)/(conv_general_dilated|dot_general'
-                    r'|nhwi,nhwo->io/dot_general)$')
+                    rf'|{ops.KERNEL_TAPS}/dot_general)$')
 
 
 @pytest.mark.parametrize('kind', [training.StepKind(True, True), training.StepKind(False, False)],
@@ -151,9 +151,9 @@ def test_train_step_lowers_default_in_the_layers_only(tiny, kind):
   # Solver loops, the DEQ cell (under vmap), margins and the projection (no
   # module path) stay HIGHEST; the explicit layers, forward and VJP, go DEFAULT.
   # `same_conv`'s kernel-VJP taps run in a scan whose body has no module path:
-  # they are recognised by their contraction (they follow the forward's
+  # they are recognised by their name scope (they follow the forward's
   # precision, tested above).
-  kernel_vjp = 'nhwi,nhwo->io/dot_general'
+  kernel_vjp = f'{ops.KERNEL_TAPS}/dot_general'
   for o in found:
     critical = ('while' in o['name'] or '/deq/vmap' in o['name'] or 'nd,ndk->nk' in o['name']
                 or not o['name'].startswith('jit(')) and o['name'] != kernel_vjp
