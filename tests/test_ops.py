@@ -69,9 +69,29 @@ def test_same_conv_kernel_larger_than_input(rng, channels):
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize('channels', CHANNELS)
+@pytest.mark.parametrize('kh, kw', KERNELS)
+@pytest.mark.parametrize('strides, size', [((2, 2), (7, 8)), ((2, 2), (8, 6)), ((3, 2), (8, 7))])
+def test_strided_same_conv_value_and_gradients_match_xla(rng, kh, kw, channels, strides, size):
+  """Strides 2 and 3 (the input-VJP by phases), odd and even input sizes, so
+  that XLA's 'SAME' padding is 0, 1 or 2 and may be uneven."""
+  x, kernel, _ = _data(rng, kh, kw, size=size, channels=channels)
+  ref_fn = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, strides, 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST)
+  y = ref_fn(x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  ours = jit(lambda x, k, g: _value_and_vjp(
+      lambda a, b: ops.same_conv(a, b, strides=strides), x, k, g))(x, kernel, g)
+  ref = jit(lambda x, k, g: _value_and_vjp(ref_fn, x, k, g))(x, kernel, g)
+  for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize('strides, padding, groups, custom', [
     ((1, 1), 'SAME', 1, True),       # same_conv, even kernels included
-    ((2, 2), 'SAME', 1, False),
+    ((2, 2), 'SAME', 1, True),       # strided
     ((1, 1), 'VALID', 1, False),
     ((1, 1), 'SAME', 3, False),      # grouped (depthwise)
 ])
@@ -97,6 +117,7 @@ x = jnp.asarray(rng.randn(4, 6, 6, 3), jnp.float32)
 conv_k = jnp.asarray(rng.randn(3, 3, 3, 5), jnp.float32)
 dense_k = jnp.asarray(rng.randn(3, 5), jnp.float32)
 products = {'conv': (lambda x, k: ops.conv(x, k, strides=(2, 2)), conv_k),
+            'same_conv': (lambda x, k: ops.same_conv(x, k, strides=(2, 2)), conv_k),
             'dense': (ops.dense, dense_k)}
 mesh = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Explicit,))
 out = {}
@@ -115,13 +136,13 @@ print(json.dumps(out))
 
 
 def test_products_and_their_gradients_under_explicit_sharding():
-  """`conv` and `dense` of a batch sharded over explicit mesh axes (the
+  """`conv`, strided `same_conv` and `dense` of a batch sharded over explicit mesh axes (the
   default of ``jax.make_mesh``), with the mesh in context or not: value and
   gradients for input and kernel equal one device's (jax 0.10 has no
   explicit-sharding rule for the kernel gradient's batch sum), and the input
   gradient keeps the batch's layout."""
   from tests import helpers_training
   out = helpers_training.run_on_devices(EXPLICIT_SCRIPT, devices=2)
-  assert len(out) == 4
+  assert len(out) == 6
   for case, (error, batch_spec) in out.items():
     assert error < 1e-4 and batch_spec == 'd', case
