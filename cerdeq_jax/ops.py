@@ -156,7 +156,7 @@ def _same_conv_input_grad(x, g, kernel, precision, strides):
     # ones plain 'SAME' would shift the gradient by one pixel.
     return conv(g, flipped(kernel), padding=[(high, low) for low, high in pads],
                 precision=precision)
-  # Phase (a, b) of the padded input's gradient (rows a + s*r, columns b + s*c)
+  # Phase (a, b) of the padded input's gradient (rows a + s*p, columns b + s*q)
   # receives only the taps i = a (mod s), j = b (mod s): a stride-1 full
   # correlation of g with those taps, flipped.
   (sh, sw), (n, h, w, c) = strides, x.shape
