@@ -59,7 +59,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key, sample_x
 def clean_and_bounds(model: nn.Module, variables, x, box: Interval, labels, train: bool,
                      mutable=()):
   """One ``apply`` that runs the clean batch, then the interval (so that
-  BatchNorm in training bounds with the clean batch's moments).
+  BatchNorm in training bounds with the clean batch's moments, and each DEQ
+  starts its bound solve at its clean fixed point: `layers.clean_pass_collections`).
 
   Returns ``((logits, margins), collections)``; margins are the lower bounds of
   ``logit_y - logit_j``.
