@@ -149,18 +149,18 @@ def _same_conv_kernel_grad(x, g, kernel, precision, strides):
 def _same_conv_input_grad(x, g, kernel, precision, strides):
   """The input-VJP as forward convolutions of the cotangent ``g``."""
   flipped = lambda k: jnp.flip(k, axis=(0, 1)).swapaxes(2, 3)
-  pads, (hq, wq) = _phase_grid(x.shape, kernel, strides)
   if tuple(strides) == (1, 1):
     # Flipping the kernel mirrors the padding: the transpose pads (high, low)
     # where the forward pass padded (low, high). Equal for odd kernels; for even
     # ones plain 'SAME' would shift the gradient by one pixel.
+    pads = _same_pads(kernel, x.shape[1:3], strides)
     return conv(g, flipped(kernel), padding=[(high, low) for low, high in pads],
                 precision=precision)
   # Phase (a, b) of the padded input's gradient (rows a + s*p, columns b + s*q)
   # receives only the taps i = a (mod s), j = b (mod s): a stride-1 full
   # correlation of g with those taps, flipped.
+  ((pt, _), (pl, _)), (hq, wq) = _phase_grid(x.shape, kernel, strides)
   (sh, sw), (n, h, w, c) = strides, x.shape
-  (pt, _), (pl, _) = pads
 
   def by_phases(g, kernel):
     rows = []

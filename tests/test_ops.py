@@ -36,15 +36,20 @@ def _value_and_vjp(fn, x, kernel, g):
   return (y,) + vjp(g)
 
 
+def _assert_close(ours, ref):
+  """Value, input gradient and kernel gradient, each against the reference."""
+  for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize('channels', CHANNELS)
 @pytest.mark.parametrize('kh, kw', KERNELS)
 def test_same_conv_value_and_gradients_match_xla(rng, kh, kw, channels):
   x, kernel, g = _data(rng, kh, kw, channels=channels)
   ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
   ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
-  for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
-    assert a.shape == b.shape, name
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
+  _assert_close(ours, ref)
 
 
 @pytest.mark.parametrize('channels', CHANNELS)
@@ -56,8 +61,7 @@ def test_same_conv_gradients_under_vmap_match_xla(rng, kh, kw, channels):
       lambda xi, gi: _value_and_vjp(lambda a, k: conv(a[None], k)[0], xi, kernel, gi))
   ours = jit(per_sample(ops.same_conv))(x, g)
   ref = jit(per_sample(ref_conv))(x, g)
-  for a, b in zip(ours, ref):
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
+  _assert_close(ours, ref)
 
 
 @pytest.mark.parametrize('channels', CHANNELS)
@@ -65,8 +69,7 @@ def test_same_conv_kernel_larger_than_input(rng, channels):
   x, kernel, g = _data(rng, 4, 4, size=(2, 3), channels=channels)
   ours = jit(lambda x, k, g: _value_and_vjp(ops.same_conv, x, k, g))(x, kernel, g)
   ref = jit(lambda x, k, g: _value_and_vjp(ref_conv, x, k, g))(x, kernel, g)
-  for a, b in zip(ours, ref):
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5)
+  _assert_close(ours, ref)
 
 
 @pytest.mark.parametrize('channels', CHANNELS)
@@ -84,9 +87,7 @@ def test_strided_same_conv_value_and_gradients_match_xla(rng, kh, kw, channels, 
   ours = jit(lambda x, k, g: _value_and_vjp(
       lambda a, b: ops.same_conv(a, b, strides=strides), x, k, g))(x, kernel, g)
   ref = jit(lambda x, k, g: _value_and_vjp(ref_fn, x, k, g))(x, kernel, g)
-  for name, a, b in zip(('value', 'input gradient', 'kernel gradient'), ours, ref):
-    assert a.shape == b.shape, name
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-5, err_msg=name)
+  _assert_close(ours, ref)
 
 
 @pytest.mark.parametrize('strides, padding, groups, custom', [
