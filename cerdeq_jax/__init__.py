@@ -3,9 +3,10 @@
 Public API (re-exported here); submodules: `ibp`, `crown` (with `graph`), `solvers`,
 `implicit` (with `per_device`), `deq`, `parametrize` (with `orthogonal`, `reparam`,
 `initializers`), `layers`, `linf_dist` (with `linf_training`), `models`, `losses`,
-`schedules`, `attacks`, `recipe`, `training`, `checkpointing`, `data`.
+`schedules`, `attacks`, `recipe`, `training` (with `host_memory`), `checkpointing`, `data`.
 """
-from cerdeq_jax import attacks, crown, deq, graph, ibp, implicit, layers, losses, models, ops
+from cerdeq_jax import attacks, crown, deq, graph, host_memory, ibp, implicit, layers, losses
+from cerdeq_jax import models, ops
 from cerdeq_jax import initializers, orthogonal, parametrize, per_device, recipe, reparam
 from cerdeq_jax import schedules, solvers
 from cerdeq_jax import linf_dist, linf_training

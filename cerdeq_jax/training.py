@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cerdeq_jax import attacks, crown, ibp, losses, parametrize
+from cerdeq_jax import attacks, crown, host_memory, ibp, losses, parametrize
 from cerdeq_jax import precision as policy
 from cerdeq_jax.interval import Interval, linf_ball
 from cerdeq_jax.layers import SPECTRAL, clean_pass_collections
@@ -261,7 +261,11 @@ def replicate(mesh: Mesh, tree):
 class Steps:
   """The jit-compiled train and eval steps of a model on a mesh (any mesh with
   a ``'data'`` axis, its axes made automatic); ``eval_model`` (default
-  ``model``: the same parameters, e.g. with tighter DEQ solves) evaluates."""
+  ``model``: the same parameters, e.g. with tighter DEQ solves) evaluates.
+
+  `train` and `evaluate` compile a step on its first call and then return the
+  compiler's freed heap to the system (`host_memory`: ~350 MB of resident
+  memory for the CIFAR-10 CerDEQ on the CPU)."""
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, cfg: CertifiedTraining,
                mesh: Mesh, pgd_steps: int = 10, pgd_restarts: int = 1,
@@ -276,6 +280,7 @@ class Steps:
     repl = NamedSharding(mesh, P())
     self._train_shardings = dict(in_shardings=(repl, data), out_shardings=(repl, repl))
     self._train: dict[StepKind, Any] = {}
+    self._evaluated = False
     self._eval = jax.jit(
         self._on_mesh(lambda s, b, k, eps: eval_step(
             s, b, k, model=model if eval_model is None else eval_model, cfg=cfg, eps=eps,
@@ -306,9 +311,17 @@ class Steps:
 
   def train(self, state: TrainState, local_batch: dict, step: int):
     """``step`` is the host's copy of ``state.step`` (no device sync needed)."""
-    return self.compiled_train(self.cfg.step_kind(step))(
-        state, global_batch(self.mesh, local_batch))
+    kind = self.cfg.step_kind(step)
+    first = kind not in self._train
+    out = self.compiled_train(kind)(state, global_batch(self.mesh, local_batch))
+    if first:
+      host_memory.release_freed_heap()
+    return out
 
   def evaluate(self, state: TrainState, local_batch: dict, key, eps: float) -> dict:
-    return self._eval(state, global_batch(self.mesh, local_batch), key,
-                      jnp.asarray(eps, jnp.float32))
+    out = self._eval(state, global_batch(self.mesh, local_batch), key,
+                     jnp.asarray(eps, jnp.float32))
+    if not self._evaluated:
+      self._evaluated = True
+      host_memory.release_freed_heap()
+    return out
