@@ -280,7 +280,7 @@ class Steps:
     repl = NamedSharding(mesh, P())
     self._train_shardings = dict(in_shardings=(repl, data), out_shardings=(repl, repl))
     self._train: dict[StepKind, Any] = {}
-    self._evaluated = False
+    self._called: set = set()   # step kinds (and 'eval') that have compiled
     self._eval = jax.jit(
         self._on_mesh(lambda s, b, k, eps: eval_step(
             s, b, k, model=model if eval_model is None else eval_model, cfg=cfg, eps=eps,
@@ -312,16 +312,17 @@ class Steps:
   def train(self, state: TrainState, local_batch: dict, step: int):
     """``step`` is the host's copy of ``state.step`` (no device sync needed)."""
     kind = self.cfg.step_kind(step)
-    first = kind not in self._train
     out = self.compiled_train(kind)(state, global_batch(self.mesh, local_batch))
-    if first:
-      host_memory.release_freed_heap()
+    self._after_call(kind)
     return out
 
   def evaluate(self, state: TrainState, local_batch: dict, key, eps: float) -> dict:
     out = self._eval(state, global_batch(self.mesh, local_batch), key,
                      jnp.asarray(eps, jnp.float32))
-    if not self._evaluated:
-      self._evaluated = True
-      host_memory.release_freed_heap()
+    self._after_call('eval')
     return out
+
+  def _after_call(self, step_kind):
+    if step_kind not in self._called:  # the call compiled it
+      self._called.add(step_kind)
+      host_memory.release_freed_heap()
