@@ -40,12 +40,13 @@ def run_kind(kind: str, batch_size: int, steps: int) -> dict:
   CIFAR-10 defaults: Anderson, tol 1e-4, 50 iterations, full ε), in this process."""
   import jax
   import numpy as np
-  from cerdeq_jax import training
+  from cerdeq_jax import host_memory, training
   from experiments.bench_fixtures import cifar_train_setup
 
   steps_, state, global_batch = cifar_train_setup('cerdeq', batch_size)
   step = steps_.compiled_train(training.StepKind(kind == 'certified', False))
   step = step.lower(state, global_batch).compile()  # compiled once, used below
+  host_memory.release_freed_heap()  # as `training.Steps` does after compiling
   temp = step.memory_analysis()
   times, iterations = [], []
   for _ in range(steps + 1):
