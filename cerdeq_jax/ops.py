@@ -115,35 +115,67 @@ def _same_conv_kernel_grad(x, g, kernel, precision, strides):
   (`cerdeq_jax.per_device`).
   """
   kh, kw = kernel.shape[:2]
-  sh, sw = strides
+
+  @jax.named_scope(KERNEL_TAPS)  # a name for the precision tests to find them by
+  def product(rows, columns):
+    return jnp.matmul(rows, columns, precision=precision)
 
   def summed_taps(x, g):
-    phases = _phases(x, kernel, strides)
-    n, ho, wo, c = g.shape[:3] + x.shape[-1:]
-    # g^T (O, N*H*W), made once: each tap is then one (O, K) @ (K, I) product
-    # of a plain slice copy. With the shifted input on the left, XLA:CPU made
-    # a *transposed* copy of it at every tap (twice the time of this form).
-    g_rows = g.reshape(-1, g.shape[-1]).T
-
-    @jax.named_scope(KERNEL_TAPS)  # a name for the precision tests to find them by
-    def product(columns):
-      return jnp.matmul(g_rows, columns, precision=precision)
-
-    def shifted(index):  # (N*H_out*W_out, I); index static or traced
-      start = (0, index // kw // sh, index // kw % sh, index % kw // sw, index % kw % sw, 0)
-      return lax.dynamic_slice(phases, start, (n, ho, 1, wo, 1, c)).reshape(-1, c)
-
-    if kh * kw * c <= g.shape[-1]:
-      # A narrow input (an image's channels): all taps in one product, 5x
-      # faster than a scan of (O, K) @ (K, 3) products; the k*k copies
-      # together are no larger than g.
-      taps = jnp.concatenate([shifted(t) for t in range(kh * kw)], axis=1)
-      return product(taps).reshape(g.shape[-1], kh * kw, c).swapaxes(0, 1)   # (k*k, O, I)
-    return lax.scan(lambda carry, t: (carry, product(shifted(t))), None,
-                    jnp.arange(kh * kw))[1]   # (k*k, O, I)
+    if tuple(strides) == (1, 1) and kh * kw * x.shape[-1] > g.shape[-1]:
+      return _sliding_taps(x, g, kernel, product)
+    return _phase_taps(x, g, kernel, strides, product)
 
   grad = per_device.sum_batch(summed_taps, (0, 0), x, g)
   return grad.swapaxes(1, 2).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _sliding_taps(x, g, kernel, product):
+  """The tap gradients ``(k*k, O, I)`` of a stride-1 'SAME' convolution,
+  summed over the batch, in a ``scan``: tap (i, j) pairs input pixel q with
+  output pixel ``q - (i, j) + pad``, so it slides g, padded (high, low) as in the
+  input-VJP, over the input as it is. No padded copy of the input is made: it
+  would depend on the forward pass only, so XLA computed it right after the
+  forward pass and kept it to the end of the backward one (36 MiB per pass at
+  CIFAR-10 shape). g^T ``(O, N, H', W')`` is made once, so each tap is one
+  ``(O, K) @ (K, I)`` product of a plain slice copy (with a shifted copy on the
+  left, XLA:CPU transposed it at every tap: twice the time).
+  """
+  kh, kw = kernel.shape[:2]
+  n, h, w, o = g.shape
+  pads = _same_pads(kernel, (h, w), (1, 1))
+  g_t = jnp.pad(g, ((0, 0),) + tuple((high, low) for low, high in pads) + ((0, 0),))
+  g_t = g_t.transpose(3, 0, 1, 2)
+  columns = x.reshape(-1, x.shape[-1])
+
+  def tap(carry, index):
+    start = (0, 0, kh - 1 - index // kw, kw - 1 - index % kw)
+    rows = lax.dynamic_slice(g_t, start, (o, n, h, w)).reshape(o, -1)
+    return carry, product(rows, columns)
+
+  return lax.scan(tap, None, jnp.arange(kh * kw))[1]
+
+
+def _phase_taps(x, g, kernel, strides, product):
+  """The tap gradients ``(k*k, O, I)`` of a strided convolution (or of a
+  narrow input), summed over the batch, from the stride phases of the padded
+  input (`_phases`). An input so narrow that its k*k shifted copies together
+  are no larger than g (k*k*C_in <= C_out: an image's channels) takes all taps
+  in one product, 5x faster than a scan of ``(O, K) @ (K, 3)``; other inputs
+  one tap at a time in a ``scan``."""
+  kh, kw = kernel.shape[:2]
+  (sh, sw), (n, ho, wo, o), c = strides, g.shape, x.shape[-1]
+  phases = _phases(x, kernel, strides)
+  g_rows = g.reshape(-1, o).T   # made once (see `_sliding_taps`)
+
+  def shifted(index):  # (N*H_out*W_out, I); index static or traced
+    start = (0, index // kw // sh, index // kw % sh, index % kw // sw, index % kw % sw, 0)
+    return lax.dynamic_slice(phases, start, (n, ho, 1, wo, 1, c)).reshape(-1, c)
+
+  if kh * kw * c <= o:
+    taps = jnp.concatenate([shifted(t) for t in range(kh * kw)], axis=1)
+    return product(g_rows, taps).reshape(o, kh * kw, c).swapaxes(0, 1)
+  return lax.scan(lambda carry, t: (carry, product(g_rows, shifted(t))), None,
+                  jnp.arange(kh * kw))[1]
 
 
 def _same_conv_input_grad(x, g, kernel, precision, strides):
