@@ -98,7 +98,8 @@ def _phases(x, kernel, strides):
 
 
 def _same_conv_kernel_grad(x, g, kernel, precision, strides):
-  """``d/dK sum(conv(x, K) * g)`` as ``k*k`` contractions of shifted inputs.
+  """``d/dK sum(conv(x, K) * g)`` as ``k*k`` contractions of shifted copies (of
+  the cotangent at stride 1, `_sliding_taps`; else of the input, `_phase_taps`).
 
   Not a convolution on purpose: under ``vmap`` (the batched DEQ solves) the
   kernel gradient becomes per-sample, i.e. a grouped convolution with one group
@@ -107,7 +108,7 @@ def _same_conv_kernel_grad(x, g, kernel, precision, strides):
   of a data-parallel step was garbage). Batched contractions partition correctly.
 
   The taps run in a ``scan``, each summing over the batch, so that one shifted
-  copy of the input is alive at a time instead of ``k*k`` (0.9 GB of the
+  copy is alive at a time instead of ``k*k`` (0.9 GB of the
   CIFAR-10 certified CerDEQ step) and no per-sample gradient is kept (75 MB a
   tap for a 128-channel layer at batch 128). A sum over a sharded batch inside
   the loop would be an all-reduce inside it, so under a mesh each device sums
