@@ -55,6 +55,13 @@ def _same_pads(kernel, spatial: Sequence[int], strides: Sequence[int]):
   return tuple(pads)
 
 
+def _transposed_pads(kernel, spatial: Sequence[int]):
+  """The stride-1 'SAME' pads ``(high, low)`` of the transposed convolution:
+  flipping the kernel mirrors the forward pass's ``(low, high)``. Equal for
+  odd kernels; for even ones plain 'SAME' would shift by one pixel."""
+  return tuple((high, low) for low, high in _same_pads(kernel, spatial, (1, 1)))
+
+
 def same_conv(x, kernel, precision=None, strides: Sequence[int] = (1, 1)):
   """'SAME' convolution (any kernel size and strides) whose VJP is made of
   forward convolutions and products; it runs at the forward's precision.
@@ -133,18 +140,17 @@ def _same_conv_kernel_grad(x, g, kernel, precision, strides):
 def _sliding_taps(x, g, kernel, product):
   """The tap gradients ``(k*k, O, I)`` of a stride-1 'SAME' convolution,
   summed over the batch, in a ``scan``: tap (i, j) pairs input pixel q with
-  output pixel ``q - (i, j) + pad``, so it slides g, padded (high, low) as in the
-  input-VJP, over the input as it is. No padded copy of the input is made: it
-  would depend on the forward pass only, so XLA computed it right after the
-  forward pass and kept it to the end of the backward one (36 MiB per pass at
-  CIFAR-10 shape). g^T ``(O, N, H', W')`` is made once, so each tap is one
+  output pixel ``q - (i, j) + pad``, so it slides g, padded as the input-VJP
+  pads it (`_transposed_pads`), over the input as it is. No padded copy of the
+  input is made: it would depend on the forward pass only, so XLA computed it
+  right after the forward pass and kept it to the end of the backward one
+  (36 MiB per pass at CIFAR-10 shape). g^T ``(O, N, H', W')`` is made once, so each tap is one
   ``(O, K) @ (K, I)`` product of a plain slice copy (with a shifted copy on the
   left, XLA:CPU transposed it at every tap: twice the time).
   """
   kh, kw = kernel.shape[:2]
   n, h, w, o = g.shape
-  pads = _same_pads(kernel, (h, w), (1, 1))
-  g_t = jnp.pad(g, ((0, 0),) + tuple((high, low) for low, high in pads) + ((0, 0),))
+  g_t = jnp.pad(g, ((0, 0),) + _transposed_pads(kernel, x.shape[1:3]) + ((0, 0),))
   g_t = g_t.transpose(3, 0, 1, 2)
   columns = x.reshape(-1, x.shape[-1])
 
@@ -183,11 +189,7 @@ def _same_conv_input_grad(x, g, kernel, precision, strides):
   """The input-VJP as forward convolutions of the cotangent ``g``."""
   flipped = lambda k: jnp.flip(k, axis=(0, 1)).swapaxes(2, 3)
   if tuple(strides) == (1, 1):
-    # Flipping the kernel mirrors the padding: the transpose pads (high, low)
-    # where the forward pass padded (low, high). Equal for odd kernels; for even
-    # ones plain 'SAME' would shift the gradient by one pixel.
-    pads = _same_pads(kernel, x.shape[1:3], strides)
-    return conv(g, flipped(kernel), padding=[(high, low) for low, high in pads],
+    return conv(g, flipped(kernel), padding=list(_transposed_pads(kernel, x.shape[1:3])),
                 precision=precision)
   # Phase (a, b) of the padded input's gradient (rows a + s*p, columns b + s*q)
   # receives only the taps i = a (mod s), j = b (mod s): a stride-1 full
