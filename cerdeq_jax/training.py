@@ -158,7 +158,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   spectral = state.spectral
   if cfg.parametrization is not None:
     params, spectral = parametrize.project_tree(params, spectral, cfg.parametrization)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   deq = metrics.pop('deq')
   metrics.update(deq)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
