@@ -19,7 +19,8 @@ from absl import app, flags
 
 flags.DEFINE_string('child', None, "Internal: run one step kind ('natural' | 'certified').")
 flags.DEFINE_integer('batch_size', 128, 'Batch of the CIFAR-10-shaped train steps.')
-flags.DEFINE_integer('steps', 3, 'Timed steps after the first (compiling) one; median.')
+flags.DEFINE_integer('steps', 5, 'Timed steps after the first (compiling) one; median (with '
+                     '3, A/B differences of 0.3-1 s came and went on this noisy 2-core VM).')
 flags.DEFINE_integer('rounds', 1, 'Rounds of (natural, certified) processes, alternating; the '
                      'ratio is the median over rounds, each ratio within one round.')
 flags.DEFINE_string('trained', None, 'Workdir of a trained CerDEQ run, for the iteration '
@@ -60,7 +61,7 @@ def run_kind(kind: str, batch_size: int, steps: int) -> dict:
           'deq_iterations': float(np.mean(iterations[1:]))}
 
 
-def step_weight(batch_size: int = 128, steps: int = 3, rounds: int = 1) -> dict:
+def step_weight(batch_size: int = 128, steps: int = 5, rounds: int = 1) -> dict:
   """Natural and certified CerDEQ steps, each in a fresh process, ``rounds``
   times alternating (so that a slow spell of the machine hits both kinds), and
   their ratios: per round, and the median over rounds. Each kind's figures are
