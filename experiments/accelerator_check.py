@@ -6,7 +6,9 @@ On a GPU/TPU machine, within ``--budget_s`` (8 minutes):
    (``--test_files``) run on the device (pytest in a subprocess);
 2. **device vs CPU**: a tiny CerDEQ is trained here for a few steps, saved
    with orbax, restored on the device and on the CPU and evaluated on both;
-   certified counts and margin bounds are compared;
+   certified counts and margin bounds are compared; the training is repeated,
+   compiled afresh, and whether the two states agree bit for bit is reported
+   (exact ``--resume`` needs it; not a failure);
 3. **precision**: the certified eval step, its bounds pass and a certified
    train step are lowered and their ``dot_general``/``convolution`` ops counted,
    with how many carry ``HIGHEST`` precision; by the policy of
@@ -128,6 +130,15 @@ def summary_lines(report: dict) -> list[str]:
               f'to {d["margin_scale"]:.3g}); samples certified differently: '
               f'{d["samples_certified_differently"]}; same non-finite margins: '
               f'{d["same_non_finite_margins"]}.', '']
+    r = d['repeatable']
+    lines += [f'**Repeatability**: the same {d["run"]["steps"]} train steps run twice on '
+              f'{d["device_platform"]}, the second time compiled afresh (as a resumed run is), '
+              + ('end equal bit for bit: `--resume` continues exactly here.' if r['bitwise_equal']
+                 else f'end **different** ({r["leaves_differing"]} of {r["leaves"]} state leaves, '
+                      f'max |difference| {r["max_abs_difference"]:.3g}): a resumed run ends '
+                      'close to, not equal to, an uninterrupted one; '
+                      '`XLA_FLAGS=--xla_gpu_deterministic_ops=true` asks XLA:GPU for '
+                      'deterministic kernels.'), '']
   else:
     lines += [f'**Device vs CPU**: error: {d.get("error")}', '']
   p = report['precision']

@@ -97,11 +97,10 @@ def _tiny_model_and_config(run: TinyRun):
   return model, cfg, optax.adam(run.lr)
 
 
-def train_and_save(run: TinyRun, directory: str) -> None:
-  """A few natural, then certified steps on the default backend, saved as an
-  orbax checkpoint."""
+def train(run: TinyRun):
+  """A few natural, then certified steps on the default backend; the state."""
   import jax
-  from cerdeq_jax import checkpointing, training
+  from cerdeq_jax import training
   model, cfg, tx = _tiny_model_and_config(run)
   mesh = training.make_mesh()
   batch = quadrant_batch(run.batch, run.image_size, seed=0)
@@ -110,9 +109,25 @@ def train_and_save(run: TinyRun, directory: str) -> None:
   steps = training.Steps(model, tx, cfg, mesh)
   for i in range(run.steps):
     state, _ = steps.train(state, quadrant_batch(run.batch, run.image_size, seed=1 + i), i)
+  return state
+
+
+def save(state, step: int, directory: str) -> None:
+  from cerdeq_jax import checkpointing
   ckpt = checkpointing.Checkpointer(directory, {'check': 'accelerator'}, keep=1)
-  ckpt.save(state, run.steps)
+  ckpt.save(state, step)
   ckpt.close()
+
+
+def compare_states(a, b) -> dict:
+  """Whether two train states (parameters, BatchNorm statistics, optimiser
+  state) are equal bit for bit, and by how much they differ if not."""
+  import jax
+  pairs = list(zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+  differing = [(x, y) for x, y in pairs if not np.array_equal(x, y, equal_nan=True)]
+  return {'bitwise_equal': not differing, 'leaves': len(pairs), 'leaves_differing': len(differing),
+          'max_abs_difference': max((float(np.max(np.abs(np.asarray(x, np.float64) - y)))
+                                     for x, y in differing), default=0.0)}
 
 
 def evaluate_checkpoint(run: TinyRun, directory: str, devices) -> dict:
@@ -166,16 +181,23 @@ def compare_evaluations(device: dict, cpu: dict, rtol: float = 1e-4) -> dict:
 
 
 def device_vs_cpu(run: TinyRun) -> dict:
-  """Trains and saves on the default backend, then evaluates on it and on
-  the CPU (`jax.devices('cpu')` exists on accelerator machines too)."""
+  """Trains on the default backend, saves, then evaluates on it and on the
+  CPU (`jax.devices('cpu')` exists on accelerator machines too). The training
+  runs twice, compiled afresh the second time as a resumed run is (on a GPU,
+  XLA may then pick other convolution algorithms): ``repeatable`` says whether
+  the two final states agree bit for bit, which exact resumption needs."""
   import jax
+  first = train(run)
+  jax.clear_caches()
+  repeatable = compare_states(first, train(run))
   with tempfile.TemporaryDirectory() as tmp:
     directory = os.path.join(tmp, 'checkpoints')
-    train_and_save(run, directory)
+    save(first, run.steps, directory)
     device = evaluate_checkpoint(run, directory, jax.devices())
     cpu = evaluate_checkpoint(run, directory, jax.devices('cpu'))
   result = compare_evaluations(device, cpu)
-  result.update(device_platform=device['platform'], run=dataclasses.asdict(run))
+  result.update(device_platform=device['platform'], run=dataclasses.asdict(run),
+                repeatable=repeatable)
   return result
 
 

@@ -33,6 +33,9 @@ def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
   same = report['device_vs_cpu']
   assert same['ok'] and same['counts']['count'] == [16, 16], same
   assert same['max_abs_margin_difference'] == 0 and same['samples_certified_differently'] == 0
+  # XLA:CPU recompiles to the same program and runs it deterministically, which
+  # the exact resumption of runs (test_experiments, test_pods) relies on.
+  assert same['repeatable']['bitwise_equal'] and same['repeatable']['leaves'] > 10, same
   for program in ('eval_step', 'bounds_pass'):  # the precision policy: all HIGHEST
     census = report['precision'][program]
     assert census['total'] == census['dot_general'] + census['convolution'] > 0
@@ -44,7 +47,7 @@ def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
     assert timing['natural']['seconds_per_step'] > 0 and timing['certified']['seconds_per_step'] > 0
     assert timing['epochs_200_hours'] == pytest.approx(
         dc.epochs_200_hours(timing['certified']['seconds_per_step'], 8))
-  assert 'with HIGHEST' in result.stdout and '200 epochs' in result.stdout
+  assert 'end equal bit for bit' in result.stdout and 'with HIGHEST' in result.stdout and '200 epochs' in result.stdout
   assert docs.read_text() == '# Performance\n'
 
 
@@ -93,3 +96,16 @@ def test_compare_evaluations_flags_a_disagreement():
   nan = dc.compare_evaluations(run(np.where(margins > 0.4, np.nan, margins), sums),
                                run(margins, sums))
   assert not nan['ok'] and not nan['same_non_finite_margins']
+
+
+def test_compare_states_finds_a_one_ulp_difference():
+  state = {'params': {'w': np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)},
+           'step': np.int32(7), 'mu': (np.zeros(5, np.float32),)}
+  same = dc.compare_states(state, {**state})
+  assert same == {'bitwise_equal': True, 'leaves': 3, 'leaves_differing': 0,
+                  'max_abs_difference': 0.0}
+  w = state['params']['w'].copy()
+  w[2, 3] = np.nextafter(w[2, 3], np.float32(2))   # 1.0 -> 1 + 2^-23
+  moved = dc.compare_states(state, {**state, 'params': {'w': w}})
+  assert not moved['bitwise_equal'] and moved['leaves_differing'] == 1
+  assert moved['max_abs_difference'] == 2.0 ** -23
