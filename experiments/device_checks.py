@@ -28,14 +28,21 @@ SECTION_END = '<!-- accelerator-check:end -->'
 
 def run_tests(files: list[str], workers: int, timeout_s: float, collect_only: bool) -> dict:
   """pytest on ``files`` (not the slow ones) in a subprocess, on the default
-  backend. Workers share the accelerator, so none may preallocate its memory."""
+  backend. Workers share the accelerator, so none may preallocate its memory.
+
+  The tests' own reference products (plain ``a @ b`` in jnp) run at full
+  float32, as on the CPU: on a GPU they would otherwise run in TF32 and miss
+  the library's results by ~1e-3. This changes only products without an
+  explicit precision; the library's carry theirs (`cerdeq_jax.precision`,
+  checked by the precision stage in the unchanged main process)."""
   cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'not slow']
   if collect_only:
     cmd.append('--collect-only')
   elif workers > 1:
     cmd += ['-n', str(workers)]
   cmd += list(files)
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false', PYTHONUNBUFFERED='1')
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false', PYTHONUNBUFFERED='1',
+             JAX_DEFAULT_MATMUL_PRECISION='highest')
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,

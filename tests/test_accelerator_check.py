@@ -109,3 +109,21 @@ def test_compare_states_finds_a_one_ulp_difference():
   moved = dc.compare_states(state, {**state, 'params': {'w': w}})
   assert not moved['bitwise_equal'] and moved['leaves_differing'] == 1
   assert moved['max_abs_difference'] == 2.0 ** -23
+
+
+def test_device_tests_compute_their_references_at_full_precision(tmp_path):
+  # A test file run the way the device tests are: its unannotated jnp product
+  # must lower at HIGHEST there (TF32 on a GPU otherwise), an explicit DEFAULT
+  # (the layers of a train step) must stay DEFAULT.
+  probe = tmp_path / 'test_probe.py'
+  probe.write_text(
+      'import jax, jax.numpy as jnp\n'
+      'from jax import lax\n'
+      'def test_precision():\n'
+      '  a = jnp.ones((4, 4))\n'
+      '  text = jax.jit(lambda a: (a @ a, lax.dot(a, a, precision=lax.Precision.DEFAULT)))'
+      '.lower(a).as_text()\n'
+      '  ops = [l for l in text.splitlines() if "dot_general" in l]\n'
+      '  assert len(ops) == 2 and "HIGHEST" in ops[0] and "DEFAULT" in ops[1], ops\n')
+  result = dc.run_tests([str(probe)], workers=1, timeout_s=120, collect_only=False)
+  assert result['ok'] and '1 passed' in result['summary'], result
