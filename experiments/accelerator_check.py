@@ -16,7 +16,9 @@ On a GPU/TPU machine, within ``--budget_s`` (8 minutes):
    the train step's layers run at its training precision (default: DEFAULT);
 4. **speed**: natural and certified train steps of CNN-7 and CerDEQ at
    CIFAR-10 shape, batch 128 and 512 (`experiments.benchmark.train`), and the
-   200-epoch CIFAR-10 estimate ``50,000 / batch x 200 x step time``.
+   200-epoch CIFAR-10 estimate ``50,000 / batch x 200 x step time``; then at
+   batch 128 with the layers at HIGHEST instead of the training default
+   (DEFAULT: TF32 on a GPU), the figure that choice rests on.
 
 The figures go to ``--json_out`` and replace the marked section of
 ``--docs`` (docs/performance.md). Exit status 1 if a test failed or the two
@@ -51,6 +53,9 @@ flags.DEFINE_integer('test_workers', 8, 'pytest-xdist workers for the device tes
                      'they compile on the host CPUs and share the accelerator.')
 flags.DEFINE_integer('test_timeout_s', 200, 'Time limit of the device tests.')
 flags.DEFINE_list('batch_sizes', ['128', '512'], 'Batch sizes of the train-step timings.')
+flags.DEFINE_list('train_precisions', ['default', 'highest'],
+                  'Layer precisions of the train-step timings: the first (the training default) '
+                  'at every batch size, the others at the first batch size, timed last.')
 flags.DEFINE_integer('timing_repeats', 3, 'Timed steps per measurement (the median is kept).')
 flags.DEFINE_string('json_out', None, 'JSON file (default: docs/accelerator_check.json, or '
                     'runs/accelerator_check_dry_run.json with --dry_run).')
@@ -101,7 +106,7 @@ def run(dry_run: bool, deadline: float) -> dict:
   batch_sizes = [8] if dry_run else [int(b) for b in FLAGS.batch_sizes]
   _stage(report, 'train_steps', dc.time_train_steps, ('cnn7', 'cerdeq'), batch_sizes,
          1 if dry_run else FLAGS.timing_repeats, shapes['image_size'], shapes['model_kwargs'],
-         deadline, 0.0 if dry_run else TIMING_RESERVE_S)
+         deadline, 0.0 if dry_run else TIMING_RESERVE_S, tuple(FLAGS.train_precisions))
   return report
 
 
@@ -154,21 +159,25 @@ def summary_lines(report: dict) -> list[str]:
   widths = ', '.join(f'{k} {v}' for k, v in kwargs.items()) or 'default widths'
   lines += [f'**Train steps at {size}×{size}×3** ({widths}, ε = 8/255, Anderson tol 1e-3; '
             'median step time after compilation):', '',
-            '| model | batch | natural step | certified step | certified / natural | '
-            '200 epochs, all certified |', '|---|---|---|---|---|---|']
+            '| model | batch | layer precision | natural step | certified step | '
+            'certified / natural | certified / at the default precision | '
+            '200 epochs, all certified |', '|---|---|---|---|---|---|---|---|']
   steps = report['train_steps']
   if 'error' in steps:
-    lines.append(f'| error: {steps["error"]} | | | | | |')
+    lines.append(f'| error: {steps["error"]} | | | | | | | |')
   for key, r in steps.items():
     if not isinstance(r, dict):
       continue
+    row = f'| {r["model"]} | {r["batch_size"]} | {r["precision"]} | '
     if 'certified' not in r:
-      lines.append(f'| {r["model"]} | {r["batch_size"]} | skipped ({r["skipped"]}) | | | |')
+      lines.append(row + f'skipped ({r["skipped"]}) | | | | |')
       continue
-    lines.append(f'| {r["model"]} | {r["batch_size"]} | '
-                 f'{r["natural"]["seconds_per_step"]:.3g} s | '
+    vs_default = r.get('certified_over_default_precision')
+    lines.append(row + f'{r["natural"]["seconds_per_step"]:.3g} s | '
                  f'{r["certified"]["seconds_per_step"]:.3g} s | '
-                 f'{r["certified_over_natural_time"]:.2f}× | {r["epochs_200_hours"]:.2f} h |')
+                 f'{r["certified_over_natural_time"]:.2f}× | '
+                 f'{"—" if vs_default is None else format(vs_default, ".2f") + "×"} | '
+                 f'{r["epochs_200_hours"]:.2f} h |')
   return lines
 
 

@@ -4,10 +4,12 @@ CIFAR-10-shaped batch, and the merging of a results file."""
 from __future__ import annotations
 
 
-def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_kwargs):
+def cifar_train_setup(name: str, batch_size: int, image_size: int = 32,
+                      precision: str = 'default', **model_kwargs):
   """``(steps, state, global_batch)``: the `training.Steps` of model ``name``
-  (`models.create` with ``model_kwargs``) at ε = 8/255, its replicated initial
-  state and a random CIFAR-10-shaped batch, the set-up of every step benchmark."""
+  (`models.create` with ``model_kwargs``) at ε = 8/255 with its layers at
+  ``precision`` (`CertifiedTraining.precision`), its replicated initial state
+  and a random CIFAR-10-shaped batch, the set-up of every step benchmark."""
   import jax
   import numpy as np
   import optax
@@ -22,7 +24,8 @@ def cifar_train_setup(name: str, batch_size: int, image_size: int = 32, **model_
   model = models.create(name, 10, image_size=image_size, **model_kwargs)
   cfg = training.CertifiedTraining(eps=8 / 255, mean=mean, std=std,
                                    steps_per_epoch=1, eps_start_epochs=0, eps_length_epochs=1,
-                                   parametrization=getattr(model, 'parametrization', None))
+                                   parametrization=getattr(model, 'parametrization', None),
+                                   precision=precision)
   tx = optax.adam(5e-4)
   mesh = training.make_mesh()
   state = training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0),

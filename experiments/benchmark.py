@@ -119,20 +119,21 @@ def core(repeats: int) -> dict:
 
 def train(repeats: int, batch_size: int, names: tuple[str, ...] = ('cnn7', 'cerdeq'),
           image_size: int = 32, model_kwargs: dict | None = None,
-          crown: bool = False, linf_width: int | None = None) -> dict:
+          crown: bool = False, linf_width: int | None = None, precision: str = 'default') -> dict:
   """Images/s of the certified and the natural train step (CNN-7 and CerDEQ,
   CIFAR-10 sized input); with ``crown``, for CNN-7 also of the CROWN-IBP step
   (β > 0, i.e. during the ε ramp) and, with ``linf_width``, of the ℓ∞-dist Net
   step (5 layers of ``linf_width`` neurons; published: 5120). ``image_size`` and
   ``model_kwargs`` (e.g. ``width``, ``dense`` of `models.create`) shrink them,
-  as the accelerator check's dry run does."""
+  as the accelerator check's dry run does; ``precision``: of the layers'
+  products (`CertifiedTraining.precision`; XLA:CPU ignores it)."""
   from cerdeq_jax import solvers, training
   from experiments.bench_fixtures import cifar_train_setup
 
   res = {}
   for name in names:
     steps, state, global_batch = cifar_train_setup(
-        name, batch_size, image_size, solver=solvers.Anderson(tol=1e-3, max_iter=30),
+        name, batch_size, image_size, precision, solver=solvers.Anderson(tol=1e-3, max_iter=30),
         **(model_kwargs or {}))
     out = {}
     kinds = {'natural': training.StepKind(False, False), 'certified': training.StepKind(True, False)}

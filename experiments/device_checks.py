@@ -267,24 +267,33 @@ def epochs_200_hours(seconds_per_step: float, batch_size: int) -> float:
 
 
 def time_train_steps(names, batch_sizes, repeats: int, image_size: int, model_kwargs: dict,
-                     deadline: float, reserve_s: float) -> dict:
-  """`experiments.benchmark.train` per (model, batch), skipping those that
-  would start with less than ``reserve_s`` seconds left before ``deadline``."""
+                     deadline: float, reserve_s: float,
+                     precisions: tuple[str, ...] = ('default',)) -> dict:
+  """`experiments.benchmark.train` per (model, batch) with the layers at
+  ``precisions[0]`` (the training default), then per model at the first batch
+  size at each other precision (what the default is chosen by: `cerdeq_jax.precision`),
+  skipping any that would start with less than ``reserve_s`` seconds left
+  before ``deadline``."""
   from experiments import benchmark  # defines its flags: imported only when used
+  jobs = [(n, b, precisions[0]) for b in batch_sizes for n in names]
+  jobs += [(n, batch_sizes[0], p) for p in precisions[1:] for n in names]
   out = {}
-  for batch_size in batch_sizes:
-    for name in names:
-      key = f'{name}_batch{batch_size}'
-      if time.time() + reserve_s > deadline:
-        out[key] = {'model': name, 'batch_size': batch_size, 'skipped': 'time budget'}
-        continue
-      t0 = time.time()
-      res = benchmark.train(repeats, batch_size, names=(name,), image_size=image_size,
-                            model_kwargs=model_kwargs)[name]
-      res.update(model=name, batch_size=batch_size, wall_s=time.time() - t0,
-                 epochs_200_hours=epochs_200_hours(res['certified']['seconds_per_step'],
-                                                   batch_size))
-      out[key] = res
+  for name, batch_size, precision in jobs:
+    key = f'{name}_batch{batch_size}' + ('' if precision == precisions[0] else f'_{precision}')
+    res = {'model': name, 'batch_size': batch_size, 'precision': precision}
+    if time.time() + reserve_s > deadline:
+      out[key] = {**res, 'skipped': 'time budget'}
+      continue
+    t0 = time.time()
+    res.update(benchmark.train(repeats, batch_size, names=(name,), image_size=image_size,
+                               model_kwargs=model_kwargs, precision=precision)[name])
+    res.update(wall_s=time.time() - t0,
+               epochs_200_hours=epochs_200_hours(res['certified']['seconds_per_step'], batch_size))
+    base = out.get(f'{name}_batch{batch_size}', {})
+    if precision != precisions[0] and 'certified' in base:
+      res['certified_over_default_precision'] = (res['certified']['seconds_per_step']
+                                                 / base['certified']['seconds_per_step'])
+    out[key] = res
   return out
 
 

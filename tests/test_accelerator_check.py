@@ -47,6 +47,10 @@ def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
     assert timing['natural']['seconds_per_step'] > 0 and timing['certified']['seconds_per_step'] > 0
     assert timing['epochs_200_hours'] == pytest.approx(
         dc.epochs_200_hours(timing['certified']['seconds_per_step'], 8))
+    highest = report['train_steps'][f'{model}_batch8_highest']
+    assert highest['precision'] == 'highest' and highest['certified_over_default_precision'] == (
+        pytest.approx(highest['certified']['seconds_per_step']
+                      / timing['certified']['seconds_per_step']))
   assert 'end equal bit for bit' in result.stdout and 'with HIGHEST' in result.stdout and '200 epochs' in result.stdout
   assert docs.read_text() == '# Performance\n'
 
