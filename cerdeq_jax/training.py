@@ -219,12 +219,13 @@ def _eval_sums(state, batch, key, model, cfg, eps, pgd_steps, pgd_restarts, veri
     out.update(certified_crown=jnp.sum(m * certified_crown),
                certified_but_broken=jnp.sum(m * (certified_crown & broken)))
   if interval_stats:
-    it = jnp.stack([s.iterations for s in interval_stats]).astype(jnp.float32)
+    stacked = lambda field: jnp.stack([getattr(s, field) for s in interval_stats])
+    it = stacked('iterations').astype(jnp.float32)
     out.update(deq_iterations_sum=jnp.sum(m * jnp.mean(it, 0)),
                deq_iterations_max=jnp.max(jnp.where(mask, jnp.max(it, 0), 0)),
-               deq_converged=jnp.sum(m * jnp.all(jnp.stack([s.converged for s in interval_stats]), 0)),
-               deq_residual_max=jnp.max(jnp.where(mask, jnp.max(jnp.stack([s.residual for s in interval_stats]), 0), 0)),
-               deq_lipschitz=jnp.max(jnp.stack([s.lipschitz for s in interval_stats])))
+               deq_converged=jnp.sum(m * jnp.all(stacked('converged'), 0)),
+               deq_residual_max=jnp.max(jnp.where(mask, jnp.max(stacked('residual'), 0), 0)),
+               deq_lipschitz=jnp.max(stacked('lipschitz')))
   return out
 
 

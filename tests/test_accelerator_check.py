@@ -51,7 +51,8 @@ def test_dry_run_runs_every_stage_and_leaves_the_docs_alone(tmp_path):
     assert highest['precision'] == 'highest' and highest['certified_over_default_precision'] == (
         pytest.approx(highest['certified']['seconds_per_step']
                       / timing['certified']['seconds_per_step']))
-  assert 'end equal bit for bit' in result.stdout and 'with HIGHEST' in result.stdout and '200 epochs' in result.stdout
+  for text in ('end equal bit for bit', 'with HIGHEST', '200 epochs'):
+    assert text in result.stdout, text
   assert docs.read_text() == '# Performance\n'
 
 
