@@ -1,7 +1,8 @@
 """The certified CerDEQ step's weight (not a test): peak resident memory and
 time against the natural step, and Anderson against Picard on a trained layer.
 
-    python -m experiments.bench_deq [--batch_size=128] [--rounds=5] [--trained=runs/.../cerdeq]
+    python -m experiments.bench_deq [--batch_size=128] [--rounds=5] [--trained=runs/.../cerdeq,...]
+    python -m experiments.bench_deq --rounds=0 --trained=...   # the trained layers only
 
 Each step kind runs in its own fresh process (``--child``), so that its peak
 resident set (the kernel's ``VmHWM``: the import, the compilation and the
@@ -22,9 +23,9 @@ flags.DEFINE_integer('batch_size', 128, 'Batch of the CIFAR-10-shaped train step
 flags.DEFINE_integer('steps', 5, 'Timed steps after the first (compiling) one; median (with '
                      '3, A/B differences of 0.3-1 s came and went on this noisy 2-core VM).')
 flags.DEFINE_integer('rounds', 1, 'Rounds of (natural, certified) processes, alternating; the '
-                     'ratio is the median over rounds, each ratio within one round.')
-flags.DEFINE_string('trained', None, 'Workdir of a trained CerDEQ run, for the iteration '
-                    'counts of its bound solve.')
+                     'ratio is the median over rounds, each ratio within one round (0: none).')
+flags.DEFINE_list('trained', [], 'Workdirs of trained DEQ runs, for the iteration counts of '
+                  'their bound solves.')
 FLAGS = flags.FLAGS
 
 KINDS = ('natural', 'certified')
@@ -130,9 +131,9 @@ def main(argv):
   if FLAGS.child:
     print(json.dumps(run_kind(FLAGS.child, FLAGS.batch_size, FLAGS.steps)))
     return
-  res = {'step': step_weight(FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)}
+  res = {'step': step_weight(FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)} if FLAGS.rounds else {}
   if FLAGS.trained:
-    res['trained_layer'] = trained_layer_iterations(FLAGS.trained)
+    res['trained_layers'] = [trained_layer_iterations(w) for w in FLAGS.trained]
   print(json.dumps(res, indent=1))
 
 
