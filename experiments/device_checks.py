@@ -106,22 +106,31 @@ def _tiny_model_and_config(run: TinyRun):
 
 def train(run: TinyRun):
   """A few natural, then certified steps on the default backend; the state."""
-  import jax
   from cerdeq_jax import training
   model, cfg, tx = _tiny_model_and_config(run)
   mesh = training.make_mesh()
-  batch = quadrant_batch(run.batch, run.image_size, seed=0)
-  state = training.replicate(mesh, training.init_state(
-      model, tx, jax.random.PRNGKey(0), batch['image'][:1], cfg.parametrization))
+  state = _initial_state(run, model, cfg, tx, mesh)
   steps = training.Steps(model, tx, cfg, mesh)
   for i in range(run.steps):
     state, _ = steps.train(state, quadrant_batch(run.batch, run.image_size, seed=1 + i), i)
   return state
 
 
-def save(state, step: int, directory: str) -> None:
+def _initial_state(run: TinyRun, model, cfg, tx, mesh):
+  import jax
+  from cerdeq_jax import training
+  image = quadrant_batch(run.batch, run.image_size, seed=0)['image'][:1]  # the shapes
+  return training.replicate(mesh, training.init_state(model, tx, jax.random.PRNGKey(0), image,
+                                                      cfg.parametrization))
+
+
+def _checkpointer(directory: str):
   from cerdeq_jax import checkpointing
-  ckpt = checkpointing.Checkpointer(directory, {'check': 'accelerator'}, keep=1)
+  return checkpointing.Checkpointer(directory, {'check': 'accelerator'}, keep=1)
+
+
+def save(state, step: int, directory: str) -> None:
+  ckpt = _checkpointer(directory)
   ckpt.save(state, step)
   ckpt.close()
 
@@ -141,15 +150,13 @@ def evaluate_checkpoint(run: TinyRun, directory: str, devices) -> dict:
   """Restores the checkpoint onto ``devices`` and evaluates it there: the
   library's certified eval step (sums) and the per-sample margin bounds."""
   import jax
-  from cerdeq_jax import checkpointing, training
+  from cerdeq_jax import training
   from cerdeq_jax.interval import linf_ball
   model, cfg, tx = _tiny_model_and_config(run)
   mesh = training.make_mesh(devices)
   batch = quadrant_batch(run.batch, run.image_size, seed=10_000)
-  template = training.replicate(mesh, training.init_state(
-      model, tx, jax.random.PRNGKey(0), batch['image'][:1], cfg.parametrization))
-  ckpt = checkpointing.Checkpointer(directory, {'check': 'accelerator'}, keep=1)
-  state = ckpt.restore(template)
+  ckpt = _checkpointer(directory)
+  state = ckpt.restore(_initial_state(run, model, cfg, tx, mesh))
   ckpt.close()
 
   def evaluate(state, batch, key):
