@@ -21,8 +21,13 @@ install-data:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
 	fi
 
+# The tests spend most of their time compiling tiny programs: XLA:CPU's LLVM
+# optimisation off makes that ~3x faster (the whole run ~25 % shorter) with the
+# same float semantics. Appended before the caller's XLA_FLAGS, which win.
+TEST_XLA_FLAGS = --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" $(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: install install-data
 	$(PY) -m experiments.fashion_mnist --eps=0.1 --workdir=$(WORKDIR)

@@ -18,7 +18,8 @@ from jax import lax
 # XLA:CPU spends most of these tests compiling tiny programs; its LLVM
 # optimisation level does not change float semantics, only code speed, and
 # lowering it makes compilation ~3x faster. Tests jit with this instead of
-# `jax.jit` (no global flag: other tests keep the defaults).
+# `jax.jit`, so that a plain `pytest` run gets it too; `make test` sets the same
+# options for every program of the run through XLA_FLAGS (Makefile).
 FAST_COMPILE = {'xla_backend_optimization_level': 0,
                 'xla_llvm_disable_expensive_passes': True}
 
