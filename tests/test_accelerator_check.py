@@ -90,7 +90,8 @@ def test_epochs_200_estimate():
 def test_compare_evaluations_flags_a_disagreement():
   labels = np.array([0, 1])
   margins = np.array([[0.0, 0.5], [-0.1, 0.0]])
-  sums = {'count': 2.0, 'correct': 2.0, 'certified': 1.0}
+  sums = {'count': 2.0, 'correct': 2.0, 'certified': 1.0, 'pgd_robust': 2.0,
+          'certified_but_broken': 0.0}
   run = lambda m, s: {'labels': labels, 'margins': m, 'sums': s}
   assert dc.compare_evaluations(run(margins, sums), run(margins, sums))['ok']
   shifted = dc.compare_evaluations(run(margins - 0.6, sums), run(margins, sums))
@@ -98,6 +99,11 @@ def test_compare_evaluations_flags_a_disagreement():
   assert shifted['max_abs_margin_difference'] == pytest.approx(0.6)
   counted = dc.compare_evaluations(run(margins, dict(sums, certified=0.0)), run(margins, sums))
   assert not counted['ok'] and counted['counts']['certified'] == (0.0, 1.0)
+  # PGD's count may differ (a search); a certified sample that PGD broke may not.
+  assert dc.compare_evaluations(run(margins, dict(sums, pgd_robust=1.0)), run(margins, sums))['ok']
+  broken = dc.compare_evaluations(run(margins, dict(sums, certified_but_broken=1.0)),
+                                  run(margins, sums))
+  assert not broken['ok']
   nan = dc.compare_evaluations(run(np.where(margins > 0.4, np.nan, margins), sums),
                                run(margins, sums))
   assert not nan['ok'] and not nan['same_non_finite_margins']
