@@ -23,7 +23,7 @@ install-data:
 
 # The tests spend most of their time compiling tiny programs: XLA:CPU's LLVM
 # optimisation off makes that ~3x faster (the whole run ~25 % shorter) with the
-# same float semantics. Appended before the caller's XLA_FLAGS, which win.
+# same float semantics. Put before the caller's XLA_FLAGS, which win.
 TEST_XLA_FLAGS = --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 
 test: install
